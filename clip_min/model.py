@@ -1,0 +1,202 @@
+"""CLIP's ViT image encoder and causal text transformer, with OpenAI's parameter names.
+
+Every parameter carries the name it has in OpenAI's state_dict, so a released checkpoint loads with
+strict=True and no renaming. Two deliberate differences from OpenAI's clip/model.py, neither of which
+changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
+scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512  # size of the joint image-text space
+    image_resolution: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    # heads are always width // 64 in OpenAI's ViT models
+
+
+class QuickGELU(nn.Module):
+    """The GELU approximation OpenAI trained CLIP with; the exact GELU would change every output."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameters (in_proj_*, out_proj)."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        # The text encoder is causal: token t sees tokens <= t, which is also why text can be cut to
+        # the batch's longest caption without changing the feature read at the end token.
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, width, heads, causal=False):
+        super().__init__()
+        self.attn = Attention(width, heads, causal)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = MLP(width)
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, causal):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, width // 64, causal) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, resolution, patch_size, width, layers, output_dim):
+        super().__init__()
+        self.input_resolution = resolution
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty((resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, causal=False)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+
+    def embed(self, image):
+        """Patch embeddings + class token + positions, then ln_pre: the input of the first block."""
+        x = self.conv1(image).flatten(2).transpose(1, 2)  # [batch, patches, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def pool(self, x):
+        return self.ln_post(x[:, 0]) @ self.proj  # the class token summarises the image
+
+    def forward(self, image):
+        return self.pool(self.transformer(self.embed(image)))
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.image_resolution, config.patch_size, config.vision_width,
+                                        config.vision_layers, config.embed_dim)
+        self.transformer = Transformer(config.text_width, config.text_layers, causal=True)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
+        self.ln_final = nn.LayerNorm(config.text_width)
+        self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's initialisation, for models trained from scratch (a checkpoint overwrites it)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.constant_(self.logit_scale, torch.log(torch.tensor(1 / 0.07)).item())
+        for tower in (self.visual.transformer, self.transformer):
+            width, layers = tower.width, len(tower.resblocks)
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+        scale = self.visual.conv1.out_channels ** -0.5
+        for p in (self.visual.class_embedding, self.visual.positional_embedding, self.visual.proj):
+            nn.init.normal_(p, std=scale)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    def embed_text(self, text):
+        """Token + position embeddings: the input of the first text block."""
+        return self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
+
+    def pool_text(self, x, text):
+        """The feature is read at the end-of-text token, the highest id in every sequence."""
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)])
+        return x @ self.text_projection
+
+    def encode_image(self, image):
+        return self.visual(image.to(self.visual.conv1.weight.dtype))
+
+    def encode_text(self, text):
+        """text: [batch, tokens] ids, at most context_length long; may be cut to the longest caption."""
+        return self.pool_text(self.transformer(self.embed_text(text)), text)
+
+    def forward(self, image, text):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def config_from_state_dict(state_dict) -> CLIPConfig:
+    """Read the architecture off the tensor shapes, as every OpenAI ViT checkpoint determines it."""
+    if "visual.conv1.weight" not in state_dict:
+        raise ValueError("not a ViT CLIP state_dict (no 'visual.conv1.weight'); ResNet CLIP models are not supported")
+
+    def count_layers(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in state_dict if k.startswith(prefix + ".")})
+
+    conv = state_dict["visual.conv1.weight"]
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return CLIPConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=conv.shape[-1] * grid,
+        patch_size=conv.shape[-1],
+        vision_width=conv.shape[0],
+        vision_layers=count_layers("visual.transformer.resblocks"),
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        text_width=state_dict["ln_final.weight"].shape[0],
+        text_layers=count_layers("transformer.resblocks"),
+    )
+
+
+def build_model(state_dict) -> CLIP:
+    """A CLIP in fp32 and eval mode holding exactly the weights of `state_dict` (strict loading)."""
+    # OpenAI's files also store these three integers next to the tensors.
+    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    model = CLIP(config_from_state_dict(state_dict))
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return model.eval()

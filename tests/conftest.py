@@ -1,0 +1,48 @@
+"""Shared test helpers: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle, and its file format."""
+import warnings
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
+    import clip as openai_clip  # noqa: F401  (the reference package, a test-only dependency)
+    from clip import model as openai_model
+
+# Published architectures of OpenAI's ViT checkpoints, as the reference constructor takes them.
+VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                transformer_layers=12)
+# A second, smaller shape: different patch size, widths, heads, depth and resolution.
+SMALL = dict(embed_dim=96, image_resolution=64, vision_layers=2, vision_width=192, vision_patch_size=16,
+             context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+             transformer_layers=3)
+
+
+def reference_clip(shape, seed=0):
+    """OpenAI's CLIP with random weights, rounded to fp16 as the released files are, returned in fp32."""
+    torch.manual_seed(seed)
+    model = openai_model.CLIP(**shape)
+    # Randomise the LayerNorms and biases too, so that a transposed or misplaced one cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    # Round every tensor to fp16, as OpenAI stores the weights; the oracle then computes in fp32.
+    return model.half().float().eval()
+
+
+def save_openai_archive(model, path):
+    """Write `model` the way OpenAI's files are made: a traced TorchScript archive holding fp16 weights."""
+    res = model.visual.input_resolution
+    example = (torch.randn(1, 3, res, res), torch.zeros(1, model.context_length, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.half()
+    torch.jit.save(traced, str(path))
+
+
+@pytest.fixture
+def reference_factory():
+    return reference_clip

@@ -1,0 +1,88 @@
+"""clip_min computes what OpenAI's reference CLIP computes, loaded from OpenAI's file format."""
+import pytest
+import torch
+
+import clip_min
+from clip_min.model import CLIP, config_from_state_dict
+from conftest import SMALL, VIT_B_32, openai_clip, openai_model, reference_clip, save_openai_archive
+
+CAPTIONS = ["many green trees are around a white storage tank.", "a river", "",
+            "two baseball fields are next to a parking lot with 14 cars", "an airport with 3 planes!"]
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [VIT_B_32, SMALL], ids=["ViT-B-32", "small-p16"])
+@pytest.mark.parametrize("file_format", ["openai-torchscript", "state-dict"])
+def test_outputs_match_reference(shape, file_format, tmp_path):
+    reference = reference_clip(shape)
+    path = tmp_path / "model.pt"
+    if file_format == "openai-torchscript":
+        save_openai_archive(reference, path)
+    else:
+        torch.save({k: v.half() for k, v in reference.state_dict().items()}, path)
+
+    model, preprocess = clip_min.load(str(path))
+    assert set(model.state_dict()) == set(reference.state_dict())
+    res = shape["image_resolution"]
+    assert model.visual.input_resolution == res
+
+    torch.manual_seed(1)
+    images = torch.randn(len(CAPTIONS), 3, res, res)
+    tokens = openai_clip.tokenize(CAPTIONS)
+    with torch.no_grad():
+        ours = model.encode_image(images), model.encode_text(tokens), model(images, tokens)
+        theirs = reference.encode_image(images), reference.encode_text(tokens), reference(images, tokens)
+    assert max_diff(ours[0], theirs[0]) <= 1e-4
+    assert max_diff(ours[1], theirs[1]) <= 1e-4
+    scale = reference.logit_scale.exp().item()  # logits are cosine similarities times ~14
+    for a, b in zip(ours[2], theirs[2]):
+        assert max_diff(a, b) <= 1e-4 * scale
+    # The embeddings are not trivially small: a zero model would pass the tolerance otherwise.
+    assert theirs[0].abs().mean() > 1e-2 and theirs[1].abs().mean() > 1e-2
+
+
+RELEASED = {  # OpenAI's published ViT architectures (the reference constructor's arguments)
+    "ViT-B/32": VIT_B_32,
+    "ViT-B/16": {**VIT_B_32, "vision_patch_size": 16},
+    "ViT-L/14": {**VIT_B_32, "embed_dim": 768, "vision_layers": 24, "vision_width": 1024, "vision_patch_size": 14,
+                 "transformer_width": 768, "transformer_heads": 12},
+    "ViT-L/14@336px": {**VIT_B_32, "embed_dim": 768, "image_resolution": 336, "vision_layers": 24,
+                       "vision_width": 1024, "vision_patch_size": 14, "transformer_width": 768,
+                       "transformer_heads": 12},
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_architecture_inferred_from_shapes(name):
+    shape = RELEASED[name]
+    with torch.device("meta"):  # shapes only: no memory, no time
+        reference = openai_model.CLIP(**shape)
+        config = config_from_state_dict(reference.state_dict())
+        ours = CLIP(config)
+    assert config.image_resolution == shape["image_resolution"]
+    assert config.patch_size == shape["vision_patch_size"]
+    assert config.vision_layers == shape["vision_layers"] and config.text_layers == shape["transformer_layers"]
+    theirs = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    heads = [b.attn.heads for b in ours.visual.transformer.resblocks] + [b.attn.heads for b in ours.transformer.resblocks]
+    assert heads == [shape["vision_width"] // 64] * shape["vision_layers"] + [shape["transformer_heads"]] * shape["transformer_layers"]
+
+
+def test_text_cut_to_longest_caption_is_exact():
+    """The causal mask and end-token pooling make trailing padding irrelevant: cutting it changes nothing."""
+    model = CLIP(clip_min.CLIPConfig(**{"embed_dim": 64, "image_resolution": 32, "patch_size": 16, "vision_width": 64,
+                                        "vision_layers": 1, "text_width": 128, "text_layers": 2})).eval()
+    tokens = clip_min.tokenize(CAPTIONS)
+    longest = int(tokens.argmax(dim=-1).max()) + 1
+    with torch.no_grad():
+        full, cut = model.encode_text(tokens), model.encode_text(tokens[:, :longest])
+    assert longest < 20
+    assert max_diff(full, cut) <= 1e-5
+
+
+def test_not_a_vit_checkpoint_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a ViT CLIP"):
+        clip_min.build_model({"visual.layer1.0.conv1.weight": torch.zeros(1)})
