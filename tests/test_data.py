@@ -1,0 +1,292 @@
+"""Dataset reading (precomp and Karpathy JSON), image decoding, caching, the train/val split and the demo dataset,
+on tiny datasets written under tmp_path."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import openai_clip
+
+# ---------------------------------------------------------------- helpers: write small datasets in both layouts
+
+
+def image_array(seed, h=20, w=28):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def write_images(folder, names):
+    """One image per name, its format taken from the name: .tif (16-bit and 8-bit single channel), .jpg, .png."""
+    os.makedirs(folder, exist_ok=True)
+    for k, name in enumerate(names):
+        if name.endswith("16.tif"):
+            Image.fromarray((np.arange(20 * 28).reshape(20, 28) * 97 + k).astype(np.uint16)).save(f"{folder}/{name}")
+        elif name.endswith(".tif"):
+            Image.fromarray(image_array(k)[..., 0]).save(f"{folder}/{name}")
+        else:
+            Image.fromarray(image_array(k)).save(f"{folder}/{name}")
+
+
+def caption_groups(names):
+    return [[f"caption {c} of {n}" for c in range(5)] for n in names]
+
+
+def write_precomp(root, name, train, test, train_caps=None, image_dir=None):
+    """The GaLR layout: train_filename one line per image, test_filename one line per caption."""
+    folder = root / f"{name}_precomp"
+    folder.mkdir(parents=True)
+    train_caps = train_caps or caption_groups(train)
+    (folder / "train_caps.txt").write_text("".join(c + "\n" for caps in train_caps for c in caps))
+    (folder / "train_filename.txt").write_text("".join(n + "\n" for n in train))
+    (folder / "test_caps.txt").write_text("".join(c + "\n" for caps in caption_groups(test) for c in caps))
+    (folder / "test_filename.txt").write_text("".join(n + "\n" for n in test for _ in range(5)))
+    write_images(image_dir or root / f"{name}_images", train + test)
+    return folder
+
+
+TRAIN = ["a16.tif", "b.tif", "c.jpg", "d.png"]
+TEST = ["e16.tif", "f.jpg"]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_precomp_layout_and_empty_captions(tmp_path, capsys):
+    caps = caption_groups(TRAIN)
+    caps[1][2] = "   "  # one empty caption: replaced by another caption of the same image
+    caps[2] = [""] * 5  # all empty (like four RSITMD images): the image is dropped
+    write_precomp(tmp_path, "fake", TRAIN, TEST, train_caps=caps)
+    train = data.load_split("fake", str(tmp_path), "train")
+    assert [os.path.basename(p) for p in train.image_paths] == ["a16.tif", "b.tif", "d.png"]
+    assert all(p.startswith(str(tmp_path / "fake_images")) for p in train.image_paths)
+    assert len(train.captions) == 5 * len(train.image_paths)
+    assert train.captions[:5] == caps[0] and train.captions[10:] == caps[3]
+    b = train.captions[5:10]
+    assert b[:2] + b[3:] == caps[1][:2] + caps[1][3:] and b[2] in caps[1] and b[2].strip()
+    assert train.anomalies == dict(empty_captions=6, images_dropped=1, images_padded=0, images_truncated=0)
+    assert "empty_captions 6" in capsys.readouterr().out and "images_dropped 1" in train.summary()
+    test = data.load_split("fake", str(tmp_path), "test")
+    assert [os.path.basename(p) for p in test.image_paths] == TEST
+    assert test.captions == [c for caps in caption_groups(TEST) for c in caps]
+    for j, caption in enumerate(test.captions):  # caption j belongs to image j // 5
+        assert caption.endswith(os.path.basename(test.image_paths[j // 5]))
+    assert not any(test.anomalies.values())
+
+
+@pytest.mark.parametrize("image_dir", ["fake_images", "fake_precomp/fake_images", "fake_precomp/images", "images"])
+def test_image_folder_lookups(tmp_path, image_dir):
+    write_precomp(tmp_path, "fake", TRAIN, TEST, image_dir=tmp_path / image_dir)
+    split = data.load_split("fake", str(tmp_path), "test")
+    assert split.image_paths == [str(tmp_path / image_dir / n) for n in TEST]
+
+
+def test_karpathy_json_layout(tmp_path, capsys):
+    entries = [("t1.jpg", "train", 5), ("v1.jpg", "val", 4), ("x1.jpg", "test", 5), ("t2.jpg", "train", 7),
+               ("x2.tif", "test", 3), ("t3.jpg", "restval", 5)]
+    images = [dict(filename=f, split=s, imgid=i, sentences=[dict(raw=f"{f} sentence {k}", tokens=[]) for k in range(n)])
+              for i, (f, s, n) in enumerate(entries)]
+    (tmp_path / "dataset_kp.json").write_text(json.dumps(dict(images=images, dataset="kp")))
+    write_images(tmp_path / "images", [e[0] for e in entries])
+    train = data.load_split("kp", str(tmp_path), "train")  # train + val (+ restval): the pool to split
+    assert [os.path.basename(p) for p in train.image_paths] == ["t1.jpg", "v1.jpg", "t2.jpg", "t3.jpg"]
+    assert train.captions[5:10] == [f"v1.jpg sentence {k}" for k in (0, 1, 2, 3, 0)]  # padded by repeating
+    assert train.captions[10:15] == [f"t2.jpg sentence {k}" for k in range(5)]  # truncated
+    assert train.anomalies == dict(empty_captions=0, images_dropped=0, images_padded=1, images_truncated=1)
+    test = data.load_split("kp", str(tmp_path), "test")
+    assert [os.path.basename(p) for p in test.image_paths] == ["x1.jpg", "x2.tif"]
+    assert test.captions[5:] == [f"x2.tif sentence {k}" for k in (0, 1, 2, 0, 1)]
+    assert "images_padded 1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- errors say what is wrong and where
+
+
+def test_missing_dataset_names_layouts_and_sources(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_split("rsitmd", str(tmp_path), "train")
+    message = str(e.value)
+    for part in (str(tmp_path / "rsitmd_precomp"), str(tmp_path / "dataset_rsitmd.json"), "GaLR", "AMFMN"):
+        assert part in message
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_split("rsitmd", str(tmp_path), "val")
+
+
+def test_count_mismatch_names_files_and_counts(tmp_path):
+    folder = write_precomp(tmp_path, "fake", TRAIN, TEST)
+    (folder / "train_caps.txt").write_text("a caption\n" * 19)
+    with pytest.raises(ValueError, match=r"train_caps.txt has 19 lines but .*train_filename.txt has 4"):
+        data.load_split("fake", str(tmp_path), "train")
+    names = (folder / "test_filename.txt").read_text().splitlines()
+    names[7] = "f.jpg" if names[7] != "f.jpg" else "e16.tif"
+    (folder / "test_filename.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match="test_filename.txt line 8"):
+        data.load_split("fake", str(tmp_path), "test")
+    os.remove(folder / "test_caps.txt")
+    with pytest.raises(FileNotFoundError, match="test_caps.txt"):
+        data.load_split("fake", str(tmp_path), "test")
+
+
+def test_missing_images_are_named(tmp_path):
+    write_precomp(tmp_path, "fake", TRAIN, TEST)
+    os.remove(tmp_path / "fake_images" / "c.jpg")
+    with pytest.raises(FileNotFoundError, match=r"1 images of fake train are missing .*c\.jpg"):
+        data.load_split("fake", str(tmp_path), "train")
+    os.remove(tmp_path / "fake_images" / "a16.tif")
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_split("fake", str(tmp_path), "train")
+    assert "a16.tif" in str(e.value) and str(tmp_path / "fake_precomp" / "fake_images") in str(e.value)
+
+
+def test_bad_karpathy_file(tmp_path):
+    (tmp_path / "dataset_kp.json").write_text('{"images": [{"file": "x.jpg"}]}')
+    with pytest.raises(ValueError, match="dataset_kp.json is not a Karpathy-style"):
+        data.load_split("kp", str(tmp_path), "test")
+
+
+def test_corrupt_and_missing_image_files(tmp_path):
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not an image")
+    Image.fromarray(image_array(0, 64, 64)).save(tmp_path / "whole.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:300])
+    for name in ("garbage.jpg", "truncated.jpg"):
+        with pytest.raises(ValueError, match=f"cannot decode image .*{name}"):
+            data.open_image(str(tmp_path / name))
+    with pytest.raises(FileNotFoundError, match="nothing.tif"):
+        data.open_image(str(tmp_path / "nothing.tif"))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_open_image_modes(tmp_path):
+    sixteen = np.random.default_rng(0).integers(0, 65536, (9, 11), dtype=np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "i16.tif")
+    assert Image.open(tmp_path / "i16.tif").mode == "I;16"
+    rgb = np.asarray(data.open_image(str(tmp_path / "i16.tif")))
+    assert rgb.shape == (9, 11, 3) and (rgb == (sixteen >> 8)[..., None]).all()  # high byte, not clipped
+    Image.fromarray(sixteen).save(tmp_path / "i16.png")
+    assert (np.asarray(data.open_image(str(tmp_path / "i16.png"))) == (sixteen >> 8)[..., None]).all()
+
+    grey = image_array(1)[..., 0]
+    Image.fromarray(grey).save(tmp_path / "grey.tif")
+    assert (np.asarray(data.open_image(str(tmp_path / "grey.tif"))) == grey[..., None]).all()
+
+    floats = np.random.default_rng(2).normal(size=(6, 5)).astype(np.float32) * 1e3
+    Image.fromarray(floats).save(tmp_path / "float.tif")
+    expected = np.round((floats.astype(np.float64) - floats.min()) * 255 / np.ptp(floats))
+    assert (np.asarray(data.open_image(str(tmp_path / "float.tif")))[..., 0] == expected).all()
+
+    colour = image_array(3)
+    palette = Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "palette.png")
+    assert (np.asarray(data.open_image(str(tmp_path / "palette.png"))) == np.asarray(palette.convert("RGB"))).all()
+
+    alpha = np.random.default_rng(4).integers(0, 256, (20, 28, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([colour, alpha], axis=2)).save(tmp_path / "rgba.png")
+    decoded = np.asarray(data.open_image(str(tmp_path / "rgba.png"))).astype(float)
+    assert np.abs(decoded - colour * (alpha / 255.0)).max() <= 1  # composited onto black
+
+
+def test_cached_tensors_match_openai_preprocessing(tmp_path, capsys):
+    paths = []
+    for k, (h, w) in enumerate([(37, 50), (50, 37), (32, 32), (90, 41), (33, 64)]):
+        Image.fromarray(image_array(k, h, w)).save(tmp_path / f"{k}.png")
+        paths.append(str(tmp_path / f"{k}.png"))
+    images = data.cache_images(paths, resolution=32, workers=2, log_every=2)
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.uint8
+    assert capsys.readouterr().out.count("decoded") == 2
+    reference = openai_clip.clip._transform(32)
+    expected = torch.stack([reference(Image.open(p)) for p in paths])
+    assert torch.allclose(data.normalise(images), expected, atol=1e-6, rtol=0)
+
+
+def test_caption_pairs_dataset():
+    images = torch.arange(3 * 3 * 4 * 4, dtype=torch.uint8).view(3, 3, 4, 4)
+    captions = [f"c{j}" for j in range(15)]
+    calls = []
+
+    def tokenizer(texts):
+        calls.append(list(texts))
+        return torch.tensor([[int(t[1:])] for t in texts])
+    pairs = data.CaptionPairs(images, captions, tokenizer)
+    assert len(pairs) == 15 and calls == [captions]  # tokenised once, every caption a sample
+    for j in range(15):
+        image, tokens, index = pairs[j]
+        assert torch.equal(image, images[j // 5]) and tokens.tolist() == [j] and index == j // 5
+    with pytest.raises(ValueError, match="14 captions for 3 images"):
+        data.CaptionPairs(images, captions[:14], tokenizer)
+
+
+# ---------------------------------------------------------------- train / val split
+
+
+def test_split_train_val_is_seeded_disjoint_and_complete():
+    paths = [f"img{i}.jpg" for i in range(53)]
+    split = data.Split("x", "train", paths, [f"{p} {k}" for p in paths for k in range(5)])
+    train, val = data.split_train_val(split, seed=2)
+    assert len(val.image_paths) == round(53 * 0.2) and len(train.image_paths) == 53 - len(val.image_paths)
+    assert set(train.image_paths).isdisjoint(val.image_paths)
+    assert set(train.image_paths) | set(val.image_paths) == set(paths)
+    for part in (train, val):
+        assert part.image_paths == sorted(part.image_paths, key=paths.index)  # file order kept
+        assert part.captions == [f"{p} {k}" for p in part.image_paths for k in range(5)]  # captions follow images
+    again, other = data.split_train_val(split, seed=2)[1], data.split_train_val(split, seed=3)[1]
+    assert again.image_paths == val.image_paths and other.image_paths != val.image_paths
+    assert len(data.split_train_val(split, seed=0, val_fraction=0.5)[1].image_paths) == round(53 * 0.5)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.split_train_val(split, seed=0, val_fraction=1.0)
+
+
+# ---------------------------------------------------------------- demo dataset
+
+
+def test_demo_is_deterministic_and_readable(tmp_path):
+    for run in ("a", "b"):
+        assert data.make_demo(str(tmp_path / run), n_train=30, n_test=10, seed=5) == "demo"
+    for file in ("train_caps.txt", "train_filename.txt", "test_caps.txt", "test_filename.txt"):
+        assert (tmp_path / "a/demo_precomp" / file).read_bytes() == (tmp_path / "b/demo_precomp" / file).read_bytes()
+    train = data.load_split("demo", str(tmp_path / "a"), "train")
+    test = data.load_split("demo", str(tmp_path / "a"), "test")
+    assert (len(train.image_paths), len(train.captions), len(test.image_paths)) == (30, 150, 10)
+    for path in train.image_paths + test.image_paths:
+        twin = path.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
+    other_seed = data.make_demo(str(tmp_path / "c"), n_train=30, n_test=10, seed=6)
+    assert data.load_split(other_seed, str(tmp_path / "c"), "train").captions != train.captions
+
+
+def test_demo_captions_describe_the_drawing(tmp_path):
+    name = data.make_demo(str(tmp_path), n_train=40, n_test=5, seed=1)
+    split = data.load_split(name, str(tmp_path), "train")
+    halves = dict(left=np.s_[:, :32], right=np.s_[:, 32:], top=np.s_[:32, :], bottom=np.s_[32:, :])
+    for i, path in enumerate(split.image_paths):
+        words = split.captions[5 * i].split()  # "two red buildings on the left side of ..."
+        count, colour, position = words[0], words[1], words[5]
+        pixels = np.asarray(Image.open(path)).astype(int)
+        match = (np.abs(pixels - data.COLOURS[colour]).max(axis=2) <= 12)
+        inside, other = match[halves[position]].sum(), match.sum() - match[halves[position]].sum()
+        assert inside >= 20 * ["one", "two", "three", "four"].index(count) + 20 and inside > 5 * other, path
+
+
+def test_demo_generation_is_resumable_and_has_two_domains(tmp_path):
+    root = str(tmp_path)
+    data.make_demo(root, n_train=10, n_test=5)
+    marker = tmp_path / "demo_precomp" / "complete.json"
+    stamp = os.stat(tmp_path / "demo_precomp" / "train_caps.txt").st_mtime_ns
+    data.make_demo(root, n_train=10, n_test=5)  # complete: skipped
+    assert os.stat(tmp_path / "demo_precomp" / "train_caps.txt").st_mtime_ns == stamp
+    os.remove(marker)  # as if interrupted: redone
+    os.remove(tmp_path / "demo_images" / "demo_00003.png")
+    data.make_demo(root, n_train=10, n_test=5)
+    assert marker.exists() and len(data.load_split("demo", root, "train").image_paths) == 10
+    data.make_demo(root, n_train=12, n_test=5)  # other parameters: regenerated
+    assert len(data.load_split("demo", root, "train").image_paths) == 12
+    natural = data.make_demo(root, domain="natural", n_train=10, n_test=5)
+    assert natural == "demo_natural"
+    remote_caps = data.load_split("demo", root, "test").captions
+    natural_caps = data.load_split(natural, root, "test").captions
+    assert all("photo" not in c for c in remote_caps) and any("photo" in c for c in natural_caps)
+    with pytest.raises(ValueError, match="domain"):
+        data.make_demo(root, domain="aerial")
