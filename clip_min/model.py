@@ -5,6 +5,7 @@ strict=True and no renaming. Two deliberate differences from OpenAI's clip/model
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
 scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,7 @@ class CLIP(nn.Module):
         """OpenAI's initialisation, for models trained from scratch (a checkpoint overwrites it)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.constant_(self.logit_scale, torch.log(torch.tensor(1 / 0.07)).item())
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
         for tower in (self.visual.transformer, self.transformer):
             width, layers = tower.width, len(tower.resblocks)
             for block in tower.resblocks:

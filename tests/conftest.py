@@ -1,4 +1,5 @@
 """Shared test helpers: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle, and its file format."""
+import copy
 import warnings
 
 import pytest
@@ -38,7 +39,7 @@ def save_openai_archive(model, path):
     example = (torch.randn(1, 3, res, res), torch.zeros(1, model.context_length, dtype=torch.long))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.trace(copy.deepcopy(model), example, check_trace=False)  # .half() below must not touch `model`
     traced.half()
     torch.jit.save(traced, str(path))
 
