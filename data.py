@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from clip_min.transform import CLIP_MEAN, CLIP_STD
 
+DEMO_ROOT = os.path.expanduser("~/.cache/pe-rsitr")  # where the generated demo datasets are kept
 SOURCES = ("The precomp files (<name>_precomp/ plus the <name>_images/ folder) come with the GaLR and AMFMN "
            "repositories (github.com/xiaoyuan1996/GaLR, github.com/xiaoyuan1996/AMFMN); the Karpathy-style "
            "JSON files are named dataset_<name>.json (dataset_rsicd.json, ...).")
@@ -113,6 +114,13 @@ def load_split(name, root, split):
     if any(anomalies.values()):
         print(f"repaired while reading: {result.summary()}")
     return result
+
+
+def dataset_location(name, root):
+    """The (name, root) to read `name` from: the demo is generated once into a cache, then read like RSITMD."""
+    if name == "demo":
+        return make_demo(DEMO_ROOT), DEMO_ROOT
+    return name, root
 
 
 def split_train_val(split, seed, val_fraction=0.2):

@@ -1,0 +1,193 @@
+"""Image-text retrieval evaluation: the recall protocol, encoding a split, and the command line.
+
+    python evaluate.py                                   # best checkpoint of the latest run, on its test split
+    python evaluate.py --method zeroshot --dataset rsitmd --data-root data   # frozen CLIP
+    python evaluate.py --checkpoint runs/x/best.pt --visualize 5            # also a PNG gallery of the top 5
+"""
+import argparse
+import glob
+import json
+import os
+import textwrap
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import adapter
+import clip_min
+import data
+
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-clip.pt")
+# A CLIP small enough to train from scratch on a CPU, for the demo when no pretrained checkpoint is at hand.
+TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
+                                text_width=128, text_layers=4)
+
+
+def retrieval_metrics(similarity, captions_per_image=5, chunk=1024):
+    """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix.
+
+    Caption j belongs to image j // captions_per_image. Image -> text: an image's rank is the best rank among its
+    own captions. Text -> image: each caption ranks all images. R@K = 100 * fraction of queries with rank < K.
+    Ties count against the model: a rank is the number of wrong candidates scoring at least as high as the truth,
+    so a collapsed model whose scores are all equal gets rank N - 1, not a perfect 0.
+    Queries are processed `chunk` at a time, so memory stays O(chunk x candidates).
+    """
+    similarity = torch.as_tensor(similarity)
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be a 2-D [images x captions] matrix, got shape {tuple(similarity.shape)}")
+    n_images, n_captions = similarity.shape
+    if captions_per_image < 1 or n_images == 0 or n_captions != n_images * captions_per_image:
+        raise ValueError(f"similarity has {n_captions} captions for {n_images} images; expected images x "
+                         f"captions_per_image = {n_images} x {captions_per_image} = {n_images * captions_per_image}")
+    if torch.isnan(similarity).any():
+        raise ValueError("similarity contains NaN")
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+
+    image_ranks = []
+    for start in range(0, n_images, chunk):
+        rows = similarity[start:start + chunk]
+        images = torch.arange(start, start + len(rows), device=similarity.device)
+        own_captions = images[:, None] * captions_per_image + torch.arange(captions_per_image, device=images.device)
+        # Wrong captions scoring at least the image's best own caption are those ranked before its best truth.
+        own_scores = rows.gather(1, own_captions)
+        best_own = own_scores.max(dim=1, keepdim=True).values
+        image_ranks.append((rows >= best_own).sum(dim=1) - (own_scores >= best_own).sum(dim=1))
+    caption_ranks = []
+    for start in range(0, n_captions, chunk):
+        columns = similarity[:, start:start + chunk]
+        truth = torch.arange(start, start + columns.shape[1], device=similarity.device) // captions_per_image
+        truth_score = columns[truth, torch.arange(columns.shape[1], device=similarity.device)]
+        caption_ranks.append((columns >= truth_score[None, :]).sum(dim=0) - 1)  # the truth itself is not counted
+
+    metrics = {}
+    for direction, ranks in (("i2t", torch.cat(image_ranks)), ("t2i", torch.cat(caption_ranks))):
+        for k in (1, 5, 10):
+            metrics[f"{direction}_R@{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
+    metrics["mR"] = sum(metrics.values()) / 6
+    return metrics
+
+
+def similarity(model, images, tokens, device, amp="off", batch_size=128):
+    """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx]."""
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    image_features, text_features = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        for i in range(0, len(images), batch_size):
+            batch = data.normalise(images[i:i + batch_size].to(device, non_blocking=True))
+            image_features.append(F.normalize(model.encode_image(batch).float(), dim=-1))
+        for i in range(0, len(tokens), batch_size):
+            batch = tokens[i:i + batch_size].to(device)
+            batch = batch[:, : int(batch.argmax(dim=-1).max()) + 1]  # exact: padding after the end token is unseen
+            text_features.append(F.normalize(model.encode_text(batch).float(), dim=-1))
+    return torch.cat(image_features) @ torch.cat(text_features).t()
+
+
+def format_metrics(m):
+    """The paper's layout: image->text R@1/5/10 | text->image R@1/5/10 | mR."""
+    return (f"i2t R@1/5/10 {m['i2t_R@1']:.2f}/{m['i2t_R@5']:.2f}/{m['i2t_R@10']:.2f} | "
+            f"t2i R@1/5/10 {m['t2i_R@1']:.2f}/{m['t2i_R@5']:.2f}/{m['t2i_R@10']:.2f} | mR {m['mR']:.2f}")
+
+
+def load_backbone(clip, dataset, seed, device):
+    """The frozen CLIP: a released name or a checkpoint path; for the demo, the bundled mini CLIP if present, else a
+    randomly initialised tiny CLIP (the same one for a given seed, so a trained adapter finds its backbone again)."""
+    if clip is None and dataset == "demo":
+        if os.path.isfile(DEMO_CLIP):
+            clip = DEMO_CLIP
+        else:
+            print("demo: no pretrained CLIP at hand, so a randomly initialised tiny CLIP is used. This run "
+                  "demonstrates the pipeline; its numbers say nothing about the paper's.")
+            torch.manual_seed(seed)
+            return clip_min.CLIP(TINY_CLIP).to(device).eval()
+    return clip_min.load(clip or "ViT-B/32", device=device)[0]
+
+
+def gallery(sim, split, images, k, path, queries=4):
+    """A PNG: for a few captions their top-k images (ground truth framed green), for a few images their top-k captions."""
+    size, pad, per = 96, 4, 5  # five captions per image
+    width = 360 + k * (size + pad)
+    canvas = Image.new("RGB", (width, 2 * queries * (size + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    picks = torch.linspace(0, len(split.captions) - 1, queries).long().tolist()
+    for row, caption in enumerate(picks):
+        y = row * (size + pad)
+        draw.text((4, y + 4), "\n".join(textwrap.wrap(split.captions[caption], 55)[:6]), fill="black")
+        for col, i in enumerate(sim[:, caption].topk(k).indices.tolist()):
+            x = 360 + col * (size + pad)
+            thumb = Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size))
+            canvas.paste(thumb, (x, y))
+            if i == caption // per:
+                draw.rectangle([x, y, x + size - 1, y + size - 1], outline=(0, 200, 0), width=4)
+    for row, i in enumerate(torch.linspace(0, len(split.image_paths) - 1, queries).long().tolist()):
+        y = (queries + row) * (size + pad)
+        canvas.paste(Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size)), (4, y))
+        lines = [("+ " if j // per == i else "- ") + split.captions[j][:95] for j in sim[i].topk(k).indices.tolist()]
+        draw.text((size + 12, y + 4), "\n".join(lines), fill="black")
+    canvas.save(path)
+
+
+def latest_run(root="runs"):
+    found = glob.glob(os.path.join(root, "*", "best.pt"))
+    if not found:
+        raise SystemExit(f"no trained run under {root}/ (train one with train.py, or pass --checkpoint, "
+                         "or --method zeroshot to evaluate frozen CLIP)")
+    return max(found, key=os.path.getmtime)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
+    p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
+    p.add_argument("--dataset", help="[the checkpoint's]")
+    p.add_argument("--data-root", help="[the checkpoint's, else data]")
+    p.add_argument("--clip", help="model name or checkpoint path of the backbone [the checkpoint's]")
+    p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
+    p.add_argument("--split", default="test", choices=["test"])
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None)
+    p.add_argument("--visualize", type=int, default=0, metavar="K", help="write a PNG gallery of the top-K results")
+    p.add_argument("--out", help="JSON file for the metrics [next to the checkpoint, or runs/zeroshot-<dataset>.json]")
+    p.add_argument("--workers", type=int, default=8)
+    args = p.parse_args(argv)
+
+    state = {}
+    if args.method != "zeroshot":
+        args.checkpoint = args.checkpoint or latest_run()
+        if not os.path.isfile(args.checkpoint):
+            raise SystemExit(f"checkpoint not found: {args.checkpoint}")
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if "trainable" not in state:
+            raise SystemExit(f"{args.checkpoint} is not a checkpoint written by train.py (no 'trainable' entry)")
+    saved = state.get("args", {})
+    dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
+    method = args.method or state["method"]
+    data_root = args.data_root or saved.get("data_root", "data")
+    clip = args.clip or state.get("clip")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = args.amp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+
+    model = adapter.apply(load_backbone(clip, dataset, saved.get("seed", 2), device), method).to(device).eval()
+    if state:
+        adapter.load_trainable(model, state["trainable"])
+    name, root = data.dataset_location(dataset, data_root)
+    split = data.load_split(name, root, args.split)
+    images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
+    tokens = clip_min.tokenize(split.captions, truncate=True)
+    sim = similarity(model, images, tokens, device, amp)
+    metrics = retrieval_metrics(sim)
+    print(f"{dataset} {args.split} ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
+    print(format_metrics(metrics))
+    out = args.out or (os.path.join(os.path.dirname(args.checkpoint), f"{args.split}_eval.json") if state
+                       else os.path.join("runs", f"zeroshot-{dataset}.json"))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"dataset": dataset, "method": method, "checkpoint": args.checkpoint, **metrics}, f, indent=1)
+    print(f"wrote {out}")
+    if args.visualize:
+        png = os.path.splitext(out)[0] + ".png"
+        gallery(sim.cpu(), split, images, args.visualize, png)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
