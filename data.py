@@ -20,7 +20,8 @@ from torchvision.transforms import InterpolationMode
 
 from clip_min.transform import CLIP_MEAN, CLIP_STD
 
-DEMO_ROOT = os.path.expanduser("~/.cache/pe-rsitr")  # where the generated demo datasets are kept
+# Where the generated demo datasets are kept.
+DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))
 SOURCES = ("The precomp files (<name>_precomp/ plus the <name>_images/ folder) come with the GaLR and AMFMN "
            "repositories (github.com/xiaoyuan1996/GaLR, github.com/xiaoyuan1996/AMFMN); the Karpathy-style "
            "JSON files are named dataset_<name>.json (dataset_rsicd.json, ...).")
