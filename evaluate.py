@@ -107,6 +107,7 @@ def load_backbone(clip, dataset, seed, device):
 def gallery(sim, split, images, k, path, queries=4):
     """A PNG: for a few captions their top-k images (ground truth framed green), for a few images their top-k captions."""
     size, pad, per = 96, 4, 5  # five captions per image
+    k = min(k, len(images))  # a small test set may hold fewer than k images
     width = 360 + k * (size + pad)
     canvas = Image.new("RGB", (width, 2 * queries * (size + pad)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -149,6 +150,8 @@ def main(argv=None):
     p.add_argument("--out", help="JSON file for the metrics [next to the checkpoint, or runs/zeroshot-<dataset>.json]")
     p.add_argument("--workers", type=int, default=8)
     args = p.parse_args(argv)
+    if args.visualize < 0:
+        p.error(f"--visualize K must be positive (or 0: no gallery), got {args.visualize}")
 
     state = {}
     if args.method != "zeroshot":
@@ -164,7 +167,7 @@ def main(argv=None):
     data_root = args.data_root or saved.get("data_root", "data")
     clip = args.clip or state.get("clip")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = args.amp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+    amp = args.amp or saved.get("amp") or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
 
     model = adapter.apply(load_backbone(clip, dataset, saved.get("seed", 2), device), method).to(device).eval()
     if state:

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="hmmc", choices=losses.LOSSES)
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...) or checkpoint path [ViT-B/32; demo: "
                                                 "assets/mini-clip.pt, else a random tiny CLIP]")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
     p.add_argument("--lr-decay-epoch", type=int, default=20, help="lr x0.7 from this epoch on")
     p.add_argument("--epochs", type=int, default=None, help="[30; demo: 6]")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
@@ -48,8 +48,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 6 if args.dataset == "demo" else 30
-    if args.dataset == "demo" and args.lr == 2e-4 and "--lr" not in (argv or []):
-        args.lr = 1e-3  # the demo trains for minutes, not hours
+    if args.lr is None:
+        args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
     if args.batch_size < 1 or args.epochs < 1:
@@ -165,9 +165,13 @@ def main(argv=None):
 
     encoder = ViewsEncoder(model)
     if distributed:
-        encoder = nn.parallel.DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
+        encoder = nn.parallel.DistributedDataParallel(
+            encoder, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.method == "full" and args.loss != "infonce")
     if args.compile:
         encoder = torch.compile(encoder)
+    torch.manual_seed(args.seed + rank)  # the same weights everywhere (above), but each process its own dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr) if params else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -185,7 +189,7 @@ def main(argv=None):
         set_rng_states(state["rng"])
         start_epoch, best_mr = state["epoch"] + 1, state["best_mR"]
         log(f"resumed from {last_path} after epoch {state['epoch'] + 1}")
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if rank == 0 else None
 
     def record(entry):
         if metrics_file:
@@ -205,6 +209,8 @@ def main(argv=None):
         return write_test(args, score("test"), log, record) if rank == 0 else None
 
     steps = len(train_tokens) // args.batch_size
+    if steps == 0:  # else no step runs and the untrained model is saved and reported as trained
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
     for epoch in range(start_epoch, args.epochs):
         lr = args.lr * (0.7 if epoch >= args.lr_decay_epoch else 1.0)
         for group in optimizer.param_groups:

@@ -1,0 +1,131 @@
+"""End-to-end tests of evaluate.py's command line, and the exactness of evaluate.similarity."""
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_min
+import data
+import evaluate
+import train
+
+MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
+                            text_width=128, text_layers=1)
+# OpenAI's published preprocessing constants.
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+NUMBERS = r"([\d.]+)/([\d.]+)/([\d.]+)"
+LAYOUT = re.compile(rf"i2t R@1/5/10 {NUMBERS} \| t2i R@1/5/10 {NUMBERS} \| mR ([\d.]+)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))  # nothing may land in ~/.cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU, also on a GPU machine: exact numbers
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A dataset, a micro CLIP, and a two-epoch MRS-Adapter run on them."""
+    root = tmp_path_factory.mktemp("trained")
+    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
+    torch.manual_seed(0)
+    clip = str(root / "clip.pt")
+    torch.save(clip_min.CLIP(MICRO).state_dict(), clip)
+    out = root / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:  # as one_thread does for each test
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        train.main(["--dataset", name, "--data-root", str(root), "--clip", clip, "--workers", "1", "--epochs", "2",
+                    "--batch-size", "8", "--lr", "1e-3", "--out", str(out)])
+    torch.set_num_threads(threads)
+    return SimpleNamespace(root=str(root), name=name, clip=clip, out=out)
+
+
+def printed_metrics(text):
+    found = LAYOUT.findall(text)
+    assert len(found) == 1, text
+    return [float(x) for x in found[0]]
+
+
+def test_checkpoint_reproduces_the_runs_test_numbers(trained, tmp_path, capsys):
+    result = tmp_path / "eval.json"
+    evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--workers", "1", "--out", str(result)])
+    with open(trained.out / "test.json") as f:
+        expected = json.load(f)
+    with open(result) as f:
+        written = json.load(f)
+    # Same checkpoint, same split, same code path: identical numbers, not merely close ones.
+    assert {k: written[k] for k in expected} == expected
+    assert written["dataset"] == trained.name and written["method"] == "mrs"
+    keys = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"]
+    assert printed_metrics(capsys.readouterr().out) == pytest.approx([expected[k] for k in keys], abs=0.006)
+
+
+def test_zeroshot_needs_no_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the working directory either
+    result = tmp_path / "zeroshot.json"
+    evaluate.main(["--method", "zeroshot", "--dataset", trained.name, "--data-root", trained.root,
+                   "--clip", trained.clip, "--workers", "1", "--out", str(result)])
+    with open(result) as f:
+        written = json.load(f)
+    assert written["checkpoint"] is None and written["method"] == "zeroshot"
+    # train.py's zero-shot "run" scores the same frozen CLIP on the same test split.
+    zeroshot = train.main(["--method", "zeroshot", "--dataset", trained.name, "--data-root", trained.root,
+                           "--clip", trained.clip, "--workers", "1", "--out", str(tmp_path / "run")])
+    assert {k: written[k] for k in zeroshot} == zeroshot
+    assert sorted(os.listdir(tmp_path)) == ["run", "zeroshot.json"]
+
+
+@pytest.mark.parametrize("k, columns", [(3, 3), (25, 20)], ids=["top3", "more-than-the-20-test-images"])
+def test_visualize_writes_a_gallery(trained, tmp_path, k, columns):
+    evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--workers", "1", "--visualize", str(k),
+                   "--out", str(tmp_path / "eval.json")])
+    with Image.open(tmp_path / "eval.png") as png:
+        png.load()
+        # Layout: a 360-pixel text column, then thumbnails of 96 + 4 pixels; 4 caption rows and 4 image rows.
+        assert png.size == (360 + columns * 100, 8 * 100)
+        assert len(png.getcolors(1 << 20)) > 100  # thumbnails and text were drawn, not a blank canvas
+
+
+def test_bad_visualize_count(trained, tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--visualize", "-1"])
+
+
+def test_no_run_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no trained run"):
+        evaluate.main([])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_similarity_is_exact():
+    """Chunked images and captions cut after their longest end token give the plain 77-token computation."""
+    torch.manual_seed(0)
+    model = clip_min.CLIP(MICRO).eval()
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    captions = ["a river", "two white buildings on the left side of a dense green meadow near a road .",
+                "x", "a " * 90, "the farmland has no water and no road but four red houses .", "", "lake ."]
+    tokens = clip_min.tokenize(captions, truncate=True)
+    assert tokens.shape == (7, 77)
+
+    got = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=3)
+    pixels = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)) \
+        / torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
+    with torch.no_grad():
+        image_features = F.normalize(model.encode_image(pixels.float()), dim=-1)
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)
+    expected = image_features @ text_features.t()
+    assert got.shape == (7, 7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

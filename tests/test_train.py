@@ -1,0 +1,305 @@
+"""End-to-end tests of train.py's command line on a micro CLIP and a small generated dataset (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import adapter
+import clip_min
+import data
+import evaluate
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Widths of 128: the MRS-Adapter's default bottleneck (64) must be narrower than the encoders.
+MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
+                            text_width=128, text_layers=1)
+STEPS_PER_EPOCH = 20  # 40 images -> 32 train images (80/20 split) -> 160 pairs -> 20 batches of 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 40 + 20 image dataset in the precomp layout and a random micro CLIP saved as a state_dict."""
+    root = tmp_path_factory.mktemp("world")
+    # The "natural" demo is named demo_natural: read from --data-root like any dataset (not from the demo cache).
+    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
+    torch.manual_seed(0)
+    clip = str(root / "clip.pt")
+    torch.save(clip_min.CLIP(MICRO).state_dict(), clip)
+    return SimpleNamespace(root=str(root), name=name, clip=clip)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exact comparisons need the same reduction order in every run
+    monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))  # nothing may land in ~/.cache
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU, also on a GPU machine: exact numbers
+    yield
+    torch.set_num_threads(threads)
+
+
+def args_for(world, out, *extra):
+    return ["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
+            "--batch-size", "8", "--out", str(out), *extra]
+
+
+def run(world, out, *extra):
+    return train.main(args_for(world, out, *extra))
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trainable(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["trainable"]
+
+
+def initial_trainable(world, method, seed=2):
+    """The trainable tensors train.py starts from (same seed, same construction order)."""
+    torch.manual_seed(seed)
+    model = adapter.apply(evaluate.load_backbone(world.clip, world.name, seed, torch.device("cpu")), method)
+    return model, {k: v.clone() for k, v in adapter.trainable_state_dict(model).items()}
+
+
+def max_change(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
+    out = tmp_path / "run"
+    result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "1")
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
+    entries = read_metrics(out)
+
+    # The starting point on both evaluation splits, then step lines, then one val line per epoch.
+    assert {(e["epoch"], e["split"]) for e in entries if e.get("epoch") == 0} == {(0, "val"), (0, "test")}
+    steps = [e for e in entries if "step" in e]
+    assert [(e["epoch"], e["step"]) for e in steps] == [(ep, s) for ep in (1, 2) for s in (5, 10, 15, 20)]
+    for e in steps:
+        assert {"loss", "it", "ii", "tt", "lr", "pairs_per_s"} <= set(e)
+        assert e["loss"] == pytest.approx(e["it"] + e["ii"] + e["tt"], rel=1e-5)
+        assert e["pairs_per_s"] > 0
+    assert {e["lr"] for e in steps if e["epoch"] == 1} == {2e-4}
+    assert [e["lr"] for e in steps if e["epoch"] == 2] == pytest.approx([2e-4 * 0.7] * 4)  # decayed from index 1
+    val = [e for e in entries if e.get("split") == "val" and e["epoch"] > 0]
+    assert [e["epoch"] for e in val] == [1, 2]
+    for e in val:
+        assert set(e) == {"epoch", "split", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"}
+        assert e["mR"] == pytest.approx(sum(e[k] for k in e if "R@" in k) / 6)
+    # The test split is scored only before training and once at the end: it can never choose anything.
+    tests = [e for e in entries if e.get("split") == "test"]
+    assert len(tests) == 2 and tests[0]["epoch"] == 0
+    with open(out / "test.json") as f:
+        written = json.load(f)
+    assert written == result == {k: v for k, v in tests[1].items() if k not in ("split", "epoch")}
+
+    # Checkpoints hold the trainable tensors only: small, with exactly the method's names and shapes.
+    model, start = initial_trainable(world, "mrs")
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    for state in (best, last):
+        assert set(state["trainable"]) == set(start)
+        assert all(state["trainable"][k].shape == start[k].shape for k in start)
+        assert state["method"] == "mrs"
+    n_bytes = 4 * adapter.count_trainable(model)
+    assert os.path.getsize(out / "best.pt") < 1.25 * n_bytes + 32_000
+    assert os.path.getsize(out / "last.pt") < 3.5 * n_bytes + 64_000  # + Adam's two moments
+    assert os.path.getsize(out / "best.pt") < os.path.getsize(world.clip) / 20
+    assert last["epoch"] == 1 and max_change(last["trainable"], start) > 1e-4
+
+    # best.pt is the first epoch with the highest validation mR, and its weights score exactly that on val.
+    best_mr = max(e["mR"] for e in val)
+    assert best["epoch"] + 1 == next(e["epoch"] for e in val if e["mR"] == best_mr)
+    assert best["best_mR"] == last["best_mR"] == best_mr
+    adapter.load_trainable(model, best["trainable"])
+    _, val_split = data.split_train_val(data.load_split(world.name, world.root, "train"), seed=2)
+    images = data.cache_images(val_split.image_paths, MICRO.image_resolution, workers=1)
+    tokens = clip_min.tokenize(val_split.captions, truncate=True)
+    sim = evaluate.similarity(model.eval(), images, tokens, torch.device("cpu"))
+    assert evaluate.retrieval_metrics(sim)["mR"] == best_mr
+
+
+def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monkeypatch):
+    """Validation scripted to peak at epoch 1 of 2: best.pt is epoch 1, and test.json scores best.pt, not last.pt."""
+    real_metrics, val_mr = evaluate.retrieval_metrics, iter([0.0, 90.0, 10.0])  # before training, epoch 1, epoch 2
+
+    def scripted(sim, *a, **k):
+        m = real_metrics(sim, *a, **k)
+        if len(sim) == 8:  # the validation split's 8 images (the test split has 20)
+            m["mR"] = next(val_mr)
+        return m
+
+    monkeypatch.setattr(evaluate, "retrieval_metrics", scripted)
+    out = tmp_path / "run"
+    result = run(world, out, "--epochs", "2", "--lr", "1e-3")
+    monkeypatch.setattr(evaluate, "retrieval_metrics", real_metrics)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0 and best["best_mR"] == 90.0
+    assert max_change(best["trainable"], trainable(out / "last.pt")) > 1e-4
+
+    model, _ = initial_trainable(world, "mrs")
+    adapter.load_trainable(model, best["trainable"])
+    test = data.load_split(world.name, world.root, "test")
+    images = data.cache_images(test.image_paths, MICRO.image_resolution, workers=1)
+    tokens = clip_min.tokenize(test.captions, truncate=True)
+    sim = evaluate.similarity(model.eval(), images, tokens, torch.device("cpu"))
+    assert result == evaluate.retrieval_metrics(sim)
+
+
+def test_resume_is_exact(world, tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run(world, straight, "--epochs", "3")
+
+    real_step, calls = train.train_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) > STEPS_PER_EPOCH + 3:  # a few steps into the second epoch
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, broken, "--epochs", "3")
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert torch.load(broken / "last.pt", weights_only=True)["epoch"] == 0  # only the first epoch was saved
+    run(world, broken, "--epochs", "3", "--resume")
+
+    a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(broken / "last.pt", map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["trainable"]:
+        assert torch.equal(a["trainable"][k], b["trainable"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for k, v in trainable(straight / "best.pt").items():
+        assert torch.equal(v, trainable(broken / "best.pt")[k])
+    assert json.loads((straight / "test.json").read_text()) == json.loads((broken / "test.json").read_text())
+    # The resumed run appends to the log; every epoch's validation appears once, the starting point once.
+    val = [e["epoch"] for e in read_metrics(broken) if e.get("split") == "val"]
+    assert val == [0, 1, 2, 3]
+
+
+def test_grad_clip_and_amp(world, tmp_path):
+    _, start = initial_trainable(world, "mrs")
+    run(world, tmp_path / "plain", "--epochs", "1", "--amp", "off")
+    run(world, tmp_path / "loose", "--epochs", "1", "--grad-clip", "1e9")
+    run(world, tmp_path / "tight", "--epochs", "1", "--grad-clip", "1e-9")
+    plain, loose, tight = (trainable(tmp_path / r / "last.pt") for r in ("plain", "loose", "tight"))
+    assert all(torch.equal(plain[k], loose[k]) for k in plain)  # a clip that never bites changes nothing
+    # Clipped to a 1e-9 norm, Adam's eps dominates the update: the weights barely move.
+    assert max_change(tight, start) < 0.01 * max_change(plain, start)
+
+    result = run(world, tmp_path / "bf16", "--epochs", "1", "--amp", "bf16")
+    bf16 = trainable(tmp_path / "bf16" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in bf16.values()) and all(0 <= v <= 100 for v in result.values())
+    assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # autocast did run in bfloat16
+    assert max_change(bf16, start) > 1e-4
+
+
+@pytest.mark.parametrize("method", adapter.METHODS)
+def test_every_method_trains(world, tmp_path, method):
+    out = tmp_path / method
+    result = run(world, out, "--method", method, "--epochs", "1", "--batch-size", "16")
+    with open(out / "test.json") as f:
+        assert json.load(f) == result
+    entries = read_metrics(out)
+    if method == "zeroshot":  # nothing to train: the frozen model's test numbers, no checkpoints
+        assert sorted(os.listdir(out)) == ["metrics.jsonl", "test.json"]
+        assert {k: v for k, v in entries[1].items() if k not in ("split", "epoch")} == result
+        return
+    _, start = initial_trainable(world, method)
+    state = trainable(out / "last.pt")
+    assert set(state) == set(start)
+    assert max_change(state, start) > 1e-5, "one epoch left the trainable weights unchanged"
+    assert [e["epoch"] for e in entries if e.get("split") == "val"] == [0, 1]
+
+
+@pytest.mark.parametrize("loss", ["vse_sum", "infonce"])
+def test_other_losses(world, tmp_path, loss):
+    out = tmp_path / loss
+    run(world, out, "--loss", loss, "--epochs", "1", "--batch-size", "16", "--log-every", "5")
+    steps = [e for e in read_metrics(out) if "step" in e]
+    assert len(steps) == 2 and all(e["loss"] == e["it"] and "ii" not in e for e in steps)
+
+
+def test_mask_same_image_changes_training(world, tmp_path):
+    run(world, tmp_path / "plain", "--epochs", "1", "--loss", "vse_sum")
+    run(world, tmp_path / "masked", "--epochs", "1", "--loss", "vse_sum", "--mask-same-image")
+    plain, masked = trainable(tmp_path / "plain" / "last.pt"), trainable(tmp_path / "masked" / "last.pt")
+    # Batches of 8 pairs from 32 images almost always hold two captions of one image: the flag must matter.
+    assert any(not torch.equal(plain[k], masked[k]) for k in plain)
+
+
+@pytest.mark.parametrize("extra", [
+    ("--method", "linear", "--loss", "infonce", "--mask-same-image", "--batch-size", "8", "--lr", "0.1"),
+    # Full fine-tuning with a hinge loss: CLIP's temperature trains but gets no gradient, which DDP must allow.
+    ("--method", "full", "--loss", "vse_sum", "--batch-size", "16", "--lr", "1e-3"),
+], ids=["linear-infonce", "full-vse_sum"])
+def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
+    """DDP on CPU (gloo): two processes with half the batch each take the steps one process takes.
+
+    Both runs swap Adam for plain SGD, whose update is linear in the gradient: Adam normalises the gradient's scale
+    away, so a DDP gradient off by a constant factor (a missing or doubled reduction) would pass unnoticed. Neither
+    loss reads the augmented views, whose dropout masks differ between one and two processes."""
+    extra = (*extra, "--epochs", "1")
+    driver = tmp_path / "sgd_train.py"  # runs train.py as __main__, as torchrun would, with SGD in Adam's place
+    driver.write_text("import runpy, sys, torch\n"
+                      "torch.optim.Adam = torch.optim.SGD\n"
+                      f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PE_RSITR_CACHE": str(tmp_path / "demo-cache"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(driver), *args_for(world, ddp, *extra)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("before training: val") == 1  # only rank 0 logs
+    assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
+    assert [e["epoch"] for e in read_metrics(ddp) if e.get("split") == "val"] == [0, 1]  # only rank 0 records
+
+    monkeypatch.setattr(torch.optim, "Adam", torch.optim.SGD)
+    run(world, tmp_path / "single", *extra)
+    _, start = initial_trainable(world, extra[1])
+    one, two = trainable(tmp_path / "single" / "last.pt"), trainable(ddp / "last.pt")
+    assert max_change(one, start) > 1e-2
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_fresh_run_starts_a_fresh_log(world, tmp_path):
+    for _ in range(2):  # the second run, without --resume, replaces the first one's results
+        run(world, tmp_path / "run", "--epochs", "1", "--batch-size", "16")
+    assert [e["epoch"] for e in read_metrics(tmp_path / "run") if e.get("split") == "val"] == [0, 1]
+
+
+def test_learning_rate_defaults(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset", "demo", "--lr", "2e-4"])
+    assert train.parse_args().lr == 2e-4  # an explicit --lr is kept, also when read from the command line
+    assert train.parse_args(["--dataset", "demo", "--lr=2e-4"]).lr == 2e-4
+    assert train.parse_args(["--dataset", "demo"]).lr == 1e-3
+    assert train.parse_args(["--dataset", "rsitmd"]).lr == 2e-4
+
+
+def test_bad_arguments(world, tmp_path):
+    for bad in (["--batch-size", "0"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            run(world, tmp_path / "bad", *bad)
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
+        run(world, tmp_path / "fresh", "--resume", "--epochs", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        train.main(args_for(world, tmp_path / "nope", "--dataset", "nope"))
+    assert os.path.join(world.root, "nope_precomp") in str(e.value)
+    assert os.path.join(world.root, "dataset_nope.json") in str(e.value)
+    # A batch larger than the training set would run no step at all and pass the untrained model off as trained.
+    with pytest.raises(SystemExit, match="--batch-size 256"):
+        run(world, tmp_path / "huge", "--batch-size", "256", "--epochs", "1")
+    assert not os.path.exists(tmp_path / "huge" / "best.pt")
