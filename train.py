@@ -107,7 +107,8 @@ def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+    # Detached tensors, not floats: reading a number would make the CPU wait for the GPU at every step.
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
 def save_atomically(obj, path):
@@ -225,6 +226,7 @@ def main(argv=None):
             images = data.normalise(train_images[image_ids.to(train_images.device)].to(device, non_blocking=True))
             terms = train_step(encoder, optimizer, scaler, images, train_tokens[idx].to(device), image_ids.to(device), args)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                terms = {k: v.item() for k, v in terms.items()}
                 elapsed = time.time() - started
                 rate = (step + 1) * args.batch_size / elapsed
                 eta = (steps - step - 1) * args.batch_size / rate
