@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs that have it, else off]")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile the encoders; MODE reduce-overhead adds CUDA graphs")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--out", default=None, help="run folder [runs/<dataset>-<method>-<loss>]")
@@ -171,7 +172,7 @@ def main(argv=None):
             encoder, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=args.method == "full" and args.loss != "infonce")
     if args.compile:
-        encoder = torch.compile(encoder)
+        encoder = torch.compile(encoder, mode=args.compile)
     torch.manual_seed(args.seed + rank)  # the same weights everywhere (above), but each process its own dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr) if params else None

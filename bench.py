@@ -1,0 +1,381 @@
+"""Speed of a training step and of test-set encoding, ours against the paper's released code path.
+
+    python bench.py                                     # CPU: batch 16, MRS-Adapter, ours vs the released path
+    python bench.py --batch-sizes 16 64 --iters 2       # longer: each ViT-B/32 step takes seconds on a CPU
+    python bench.py --device cuda --batch-sizes 16 128 --compile --json
+
+Full ViT-B/32 shapes with random weights, so it runs anywhere. Ours is train.train_step, the function the training
+loop runs. The baseline is OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the
+released PE-RSITR code drives them: blocks called one by one in [L, B, D] through nn.MultiheadAttention, the
+MRS-Adapter in fp32 beside each MLP, four encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone
+frozen, HMMC, Adam. Both paths hold the same weights; their clean embeddings are compared before anything is timed.
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import adapter
+import clip_min
+import data
+import losses
+import train
+
+FLOPS_NOTE = ("useful FLOPs: analytic matmul FLOPs of what a step needs, the forward of the clean and augmented "
+              "views of both encoders (text cut to the batch's longest caption, attention over all token pairs) "
+              "plus its backward as input gradients only (frozen weights: 1x the weight products, 2x the attention "
+              "products, for every block but the first, whose input needs no gradient); the method's own small "
+              "products are not counted. Encoding: the forward only. Both paths' times divide the same count.")
+TINY = clip_min.CLIPConfig(embed_dim=64, image_resolution=64, patch_size=16, vision_width=128, vision_layers=2,
+                           text_width=128, text_layers=2)  # for tests: every code path, in seconds
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense bf16
+SCENES = ["airport", "harbor", "farmland", "dense residential area", "parking lot", "river", "playground",
+          "industrial area", "forest", "beach", "stadium", "bridge", "railway station", "church", "desert"]
+THINGS = ["planes", "white buildings", "green trees", "cars", "boats", "storage tanks", "roads", "houses", "ships"]
+CLAUSES = ["many {t} are in the {s}", "some {t} are next to a large {s}", "a gray road goes through the {s}",
+           "the {s} is surrounded by {t}", "several {t} stand on both sides of the {s}", "{t} and a {s} are seen"]
+
+
+def captions(n, seed=0):
+    """Captions of 10 to 35 words, as long as RSICD's and RSITMD's (not 77-token fillers)."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        words, target = [], rng.randint(10, 35)
+        while len(words) < target:
+            clause = rng.choice(CLAUSES).format(t=rng.choice(THINGS), s=rng.choice(SCENES))
+            words += (["and"] if words else []) + clause.split()
+        out.append(" ".join(words[:target]) + " .")
+    return out
+
+
+class ReleasedAdapter(nn.Module):
+    """The MRS-Adapter as released (its parameter names), computed in fp32 and cast back to the stream's dtype."""
+
+    def __init__(self, image_width, text_width, bottleneck=64, dropout=0.5):
+        super().__init__()
+        self.visual_down_proj, self.down_proj = nn.Linear(image_width, bottleneck), nn.Linear(text_width, bottleneck)
+        self.visual_up_proj = nn.Linear(bottleneck, image_width - bottleneck)
+        self.up_proj = nn.Linear(bottleneck, text_width - bottleneck)
+        self.share_up_proj = nn.Linear(bottleneck, bottleneck)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, visual):
+        down, up = (self.visual_down_proj, self.visual_up_proj) if visual else (self.down_proj, self.up_proj)
+        h = self.dropout(F.relu(down(x.float())))
+        return torch.cat([up(h), self.share_up_proj(h)], dim=-1).to(x.dtype)
+
+
+class ReleasedPath(nn.Module):
+    """OpenAI's reference CLIP driven as the released code drives it, the adapter beside every block's MLP."""
+
+    def __init__(self, reference, mrs):
+        super().__init__()
+        self.clip, self.adapter = reference, mrs
+
+    def blocks(self, x, resblocks, visual):
+        x = x.permute(1, 0, 2)  # NLD -> LND, the reference blocks' layout
+        for block in resblocks:
+            x = x + block.attention(block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x)) + self.adapter(x, visual)
+        return x.permute(1, 0, 2)
+
+    def encode_image(self, images, p):
+        v = self.clip.visual
+        x = v.conv1(images.type(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+        x = self.blocks(F.dropout(x, p, self.training), v.transformer.resblocks, True)  # p > 0: the augmented view
+        return v.ln_post(x[:, 0]) @ v.proj
+
+    def encode_text(self, tokens, p):
+        dtype = self.clip.dtype
+        x = self.clip.token_embedding(tokens).type(dtype) + self.clip.positional_embedding.type(dtype)
+        x = self.blocks(F.dropout(x, p, self.training), self.clip.transformer.resblocks, False)
+        x = self.clip.ln_final(x).type(dtype)
+        return x[torch.arange(len(x)), tokens.argmax(dim=-1)] @ self.clip.text_projection
+
+    def step(self, optimizer, images, tokens, margin=0.2):
+        """Four passes (clean and augmented, image and text), HMMC, backward, Adam. Returns the loss."""
+        image, image_aug = self.encode_image(images, 0.0), self.encode_image(images, 0.2)
+        text, text_aug = self.encode_text(tokens, 0.0), self.encode_text(tokens, 0.2)
+        loss, _ = losses.hmmc(image.float(), text.float(), image_aug.float(), text_aug.float(), margin=margin)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+
+def build_ours(config, method, seed=0):
+    """A random CLIP with `method` applied. A new MRS-Adapter outputs zeros; random weights make it change the
+    outputs, so that comparing the two paths tests the adapter too."""
+    torch.manual_seed(seed)
+    model = adapter.apply(clip_min.CLIP(config), method)
+    with torch.no_grad():
+        for p in model.mrs_adapter.parameters() if method == "mrs" else []:
+            p.normal_(0, 0.02)
+    return model
+
+
+def build_released(ours, fp16=False):
+    """The released path holding exactly our weights, backbone frozen (fp16: as the released code keeps it on a GPU)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
+            from clip import model as openai
+    except ImportError as e:
+        raise SystemExit("the baseline needs OpenAI's reference CLIP (PyPI clip-anytorch): "
+                         "pip install -r requirements-test.txt, or pass --skip-baseline") from e
+    c = ours.config
+    reference = openai.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width, c.patch_size,
+                            c.context_length, c.vocab_size, c.text_width, c.text_width // 64, c.text_layers)
+    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mrs_adapter.")})
+    mrs = ReleasedAdapter(c.vision_width, c.text_width, **ours.petl_options)
+    mrs.load_state_dict({f"{name}.{kind}": getattr(getattr(ours.mrs_adapter, mine), kind)
+                         for name, mine in adapter.OFFICIAL_MRS_NAMES.items() for kind in ("weight", "bias")})
+    reference.requires_grad_(False)
+    if fp16:
+        openai.convert_weights(reference)
+    return ReleasedPath(reference, mrs).to(ours.text_projection.device).train(ours.training)
+
+
+def inputs(config, batch, device, seed=0):
+    torch.manual_seed(seed)
+    images = torch.randn(batch, 3, config.image_resolution, config.image_resolution, device=device)
+    return images, clip_min.tokenize(captions(batch, seed)).to(device)
+
+
+def longest(tokens):
+    return int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
+
+
+def useful_flops(c, images, texts, text_tokens, backward):
+    """See FLOPS_NOTE. images, texts: sequences through each encoder."""
+    patches = (c.image_resolution // c.patch_size) ** 2
+    towers = [(images * c.vision_layers * (patches + 1) * 24 * c.vision_width ** 2,  # qkv, out, MLP products
+               images * c.vision_layers * 4 * (patches + 1) ** 2 * c.vision_width, c.vision_layers),  # QK^T, AV
+              (texts * c.text_layers * text_tokens * 24 * c.text_width ** 2,
+               texts * c.text_layers * 4 * text_tokens ** 2 * c.text_width, c.text_layers)]
+    heads = 2 * (images * c.vision_width + texts * c.text_width) * c.embed_dim
+    forward = sum(w + a for w, a, _ in towers) + heads + images * 2 * patches * 3 * c.patch_size ** 2 * c.vision_width
+    return forward + (heads + sum((w + 2 * a) * (n - 1) / n for w, a, n in towers) if backward else 0)
+
+
+def timed(fn, warmup, iters, device):
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def peak_mb(device, reset=False):
+    """Peak memory since the last reset: allocated on CUDA; on a CPU the resident set's high-water mark."""
+    if device.type == "cuda":
+        if reset:
+            return torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/clear_refs" if reset else "/proc/self/status", "w" if reset else "r") as f:
+            # Writing 5 resets VmHWM to the current RSS (Linux).
+            return f.write("5") if reset else next(int(s.split()[1]) for s in f if s.startswith("VmHWM")) / 1024
+    except OSError:  # no /proc: the process's peak since it started (this process runs only this measurement)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(path, opts, batch):
+    """Time one path at one batch size: training steps, then encoding a test set (five captions per image).
+    On a CPU this runs in a fresh process, so that the peak RSS is this path's alone."""
+    device, config = torch.device(opts["device"]), TINY if opts["tiny"] else clip_min.CLIPConfig()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
+    model = build_ours(config, opts["method"]).to(device).train()
+    images, tokens = inputs(config, batch, device)
+    test_images, test_tokens = inputs(config, opts["test_images"], device, seed=1)
+    test_tokens = torch.cat([test_tokens] * 5)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["amp"])
+    if path == "released":
+        model = build_released(model, fp16=device.type == "cuda")
+        params = list(model.adapter.parameters())
+
+        def step():
+            model.step(optimizer, images, tokens)
+
+        def encode():
+            return model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        encoder = train.ViewsEncoder(model)
+        encoder = torch.compile(encoder, mode=opts["compile_mode"]) if opts["compile"] else encoder
+        args = argparse.Namespace(amp=opts["amp"], loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        ids = torch.arange(batch, device=device)
+        test_tokens = test_tokens[:, :longest(test_tokens)]  # exact, as train_step does
+
+        def step():
+            train.train_step(encoder, optimizer, scaler, images, tokens, ids, args)
+
+        def encode():
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                return model.encode_image(test_images), model.encode_text(test_tokens)
+    optimizer = torch.optim.Adam(params, lr=2e-4) if params else None
+    parts = [("train", step, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
+             ("encode", encode, "images_per_s", len(test_images),
+              useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))]
+    result = {}
+    for part, fn, unit, items, flops in parts[0 if optimizer else 1:]:  # zero-shot trains nothing
+        model.train(part == "train")
+        peak_mb(device, reset=True)
+        with torch.inference_mode(part == "encode"):
+            seconds = timed(fn, opts["warmup"], opts["iters"], device)
+        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
+                        "peak_mb": peak_mb(device)}
+    return result
+
+
+def run(path, opts, batch):
+    if opts["device"] != "cpu":
+        return measure(path, opts, batch)
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak RSS
+        return pool.submit(measure, path, opts, batch).result()
+
+
+def matmul_gflops(device, size=2048, iters=3):
+    """The machine's own fp32 matmul rate, on a square product about the size of our layers' products."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size ** 3 / timed(lambda: a @ b, 1, iters, device) / 1e9
+
+
+def max_differences(ours, released, images, tokens):
+    """Max |ours - released| of the clean embeddings, eval mode (dropout off)."""
+    ours.eval(), released.eval()
+    with torch.no_grad():
+        image, text, _, _ = adapter.encode_views(ours, images, tokens[:, :longest(tokens)])
+        return {"image": (image - released.encode_image(images, 0.0)).abs().max().item(),
+                "text": (text - released.encode_text(tokens, 0.0)).abs().max().item()}
+
+
+def input_pipeline(device, batch, n_files=48):
+    """Images/s decoding + resizing files into the uint8 cache (once per run), and of the per-batch path."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"{i}.{'jpg' if i % 2 else 'tif'}") for i in range(n_files)]
+        for path in paths:  # smooth random scenes at the datasets' 256 x 256, half JPEG, half TIFF
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((256, 256)).save(path)
+        start = time.perf_counter()
+        cache = data.cache_images(paths, 224, workers=os.cpu_count(), log_every=0).to(device)
+        decode = n_files / (time.perf_counter() - start)
+    index = torch.randint(0, n_files, (batch,), device=device)
+    per_batch = timed(lambda: data.normalise(cache[index]), 2, 10, device)
+    return {"decode_images_per_s": decode, "batch_images_per_s": batch / per_batch}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="mrs", choices=adapter.METHODS)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="[CPU: 16; CUDA: 16 128]")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on CUDA, off on CPU]")
+    p.add_argument("--compile", action="store_true", help="torch.compile our encoder, as train.py --compile does")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile's mode (implies --compile); reduce-overhead adds CUDA graphs")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
+    p.add_argument("--iters", type=int, default=None, help="timed steps [CPU 1, CUDA 20]")
+    p.add_argument("--test-images", type=int, default=None, help="test images encoded, 5 captions each [8, 512]")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU [by GPU name]")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    opts = p.parse_args(argv)
+    cuda, opts.compile = opts.device.startswith("cuda"), opts.compile or opts.compile_mode is not None
+    if cuda and not torch.cuda.is_available():
+        p.error(f"--device {opts.device}: CUDA is not available here")
+    for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("amp", "off", "bf16"), ("warmup", 1, 5),
+                                  ("iters", 1, 20), ("test_images", 8, 512)):
+        if getattr(opts, name) is None:
+            setattr(opts, name, on_cuda if cuda else on_cpu)
+    if min(opts.batch_sizes) < 2 or opts.iters < 1 or opts.warmup < 0 or opts.test_images < 1:
+        p.error("batch sizes must be >= 2 (HMMC needs negatives), --iters and --test-images >= 1, --warmup >= 0")
+    return opts
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
+    say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
+    baseline = not opts.skip_baseline and opts.method == "mrs"
+    report = dict(model="tiny" if opts.tiny else "ViT-B/32", method=opts.method, device=str(device), amp=opts.amp,
+                  compile=opts.compile and (opts.compile_mode or "default"), warmup=opts.warmup, iters=opts.iters,
+                  threads=torch.get_num_threads(), flops=FLOPS_NOTE, results={})
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+        report.update(gpu=name, peak_tflops=peak)
+        say(f"{name}: bf16 dense peak {report['peak_tflops']} TFLOP/s (--peak-tflops overrides)")
+    else:
+        report["matmul_gflops"] = matmul_gflops(device)
+        say(f"CPU, {report['threads']} threads: an fp32 2048^3 matmul runs at {report['matmul_gflops']:.1f} GFLOP/s")
+        report["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if (report["load_average"] or 0) > 0.5:  # other processes share the cores: every timing below suffers
+            say(f"warning: load average {report['load_average']:.1f} before starting; CPU timings are unreliable")
+    say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {report['compile']}, "
+        f"{opts.warmup} warm-up + {opts.iters} timed steps\n{FLOPS_NOTE}")
+    if opts.method != "mrs" and not opts.skip_baseline:
+        say("no baseline: the released code path exists for the MRS-Adapter only")
+    if baseline:
+        ours = build_ours(config, "mrs").to(device)
+        report["max_abs_diff"] = max_differences(ours, build_released(ours), *inputs(config, 4, device, seed=2))
+        say("same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {image:.2e}, "
+            "text {text:.2e}".format(**report["max_abs_diff"]))
+        if max(report["max_abs_diff"].values()) > 1e-3:
+            raise SystemExit("the two paths compute different embeddings: timing them would compare different work")
+        del ours
+    report["input"] = input_pipeline(device, max(opts.batch_sizes))
+    say("input: decode + resize files (data.cache_images) {decode_images_per_s:.0f} images/s; per batch from the "
+        "uint8 cache (index + data.normalise) {batch_images_per_s:.0f} images/s".format(**report["input"]))
+    rate = report.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3  # what "eff" divides by
+    say("batch     path | train pairs/s  s/step  GFLOP/s   eff  peak MB | encode images/s  GFLOP/s   eff  peak MB")
+    for batch in opts.batch_sizes:
+        paths = ("released", "ours") if baseline else ("ours",)
+        row = report["results"][str(batch)] = {path: run(path, vars(opts), batch) for path in paths}
+        for path, result in row.items():
+            for r in result.values():
+                r["efficiency"] = r["useful_gflops"] / rate if rate else None
+            t, e = result.get("train", dict(pairs_per_s=0, seconds=0, useful_gflops=0, peak_mb=0)), result["encode"]
+            say(f"{batch:5} {path:>8} | {t['pairs_per_s']:13.2f} {t['seconds']:7.3f} {t['useful_gflops']:8.1f} "
+                f"{t.get('efficiency') or 0:5.0%} {t['peak_mb']:8.0f} | {e['images_per_s']:15.2f} "
+                f"{e['useful_gflops']:8.1f} {e['efficiency'] or 0:5.0%} {e['peak_mb']:8.0f}")
+        if baseline and "train" in row["ours"]:
+            ours, released = row["ours"], row["released"]
+            row["speedup"] = {part: released[part]["seconds"] / ours[part]["seconds"] for part in ("train", "encode")}
+            row["train_memory_ratio"] = ours["train"]["peak_mb"] / released["train"]["peak_mb"]
+            say(f"{batch:5} speed ours / released: training {row['speedup']['train']:.2f}x, encoding "
+                f"{row['speedup']['encode']:.2f}x; training peak memory ours / released "
+                f"{row['train_memory_ratio']:.2f}x")
+    fastest = max(r["ours"].get("train", {}).get("pairs_per_s", 0) for r in report["results"].values())
+    say(f"the per-batch input path delivers {report['input']['batch_images_per_s'] / max(fastest, 1e-9):.0f}x the "
+        "fastest training rate above (decoding happens once, into the uint8 cache)")
+    say("eff: useful FLOP rate / " + ("the fp32 matmul rate above" if device.type == "cpu" else "the bf16 peak: MFU"))
+    say("targets: CPU: training >= 1.3x the released path, peak memory no higher, useful FLOP rate >= 80% of the "
+        "matmul rate; CUDA: >= 3x the released path's steps/s at batch 16, >= 40% MFU at batch 128")
+    if opts.json:
+        print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench.py's baseline is a faithful re-implementation of the released code path, and bench.main reports JSON."""
+import argparse
+import json
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import adapter
+import bench
+import clip_min
+import train
+
+
+def test_released_path_matches_ours():
+    """Same weights, dropout off: same clean embeddings, same HMMC loss, same adapter gradients after one step."""
+    ours = bench.build_ours(bench.TINY, "mrs").eval()
+    released = bench.build_released(ours).eval()
+    assert not any(p.requires_grad for p in released.clip.parameters())  # the backbone is frozen
+    images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
+    assert bench.longest(tokens) < tokens.shape[1]  # ours runs on cut text, the released path on all 77 tokens
+
+    diffs = bench.max_differences(ours, released, images, tokens)
+    assert diffs["image"] < 1e-5 and diffs["text"] < 1e-5
+    with torch.no_grad():  # the adapter matters, so the comparison above is not vacuous
+        without = bench.build_ours(bench.TINY, "mrs").eval()
+        without.mrs_adapter.requires_grad_(False).image_up.weight.zero_()
+        without.mrs_adapter.text_up.weight.zero_()
+        assert (without.encode_image(images) - released.encode_image(images, 0.0)).abs().max() > 1e-3
+
+    args = argparse.Namespace(amp="off", loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+    our_params = [p for p in ours.parameters() if p.requires_grad]
+    terms = train.train_step(train.ViewsEncoder(ours), torch.optim.Adam(our_params),
+                             torch.amp.GradScaler("cpu", enabled=False), images, tokens, torch.arange(4), args)
+    loss = released.step(torch.optim.Adam(released.adapter.parameters()), images, tokens)
+    assert terms["loss"] > 0.1  # hinges are active, so gradients flow
+    assert abs(terms["loss"] - loss) <= 1e-5 * loss
+    for official, mine in adapter.OFFICIAL_MRS_NAMES.items():
+        for kind in ("weight", "bias"):
+            theirs = getattr(getattr(released.adapter, official), kind).grad
+            our = getattr(getattr(ours.mrs_adapter, mine), kind).grad
+            assert theirs.abs().max() > 0
+            torch.testing.assert_close(our, theirs, rtol=1e-4, atol=1e-6 * theirs.abs().max().item())
+
+
+def test_useful_flops_match_a_flop_counter():
+    """The analytic forward count equals torch's FlopCounterMode on a plain CLIP's encoders."""
+    model = clip_min.CLIP(bench.TINY).eval()
+    images, tokens = bench.inputs(bench.TINY, 3, "cpu")
+    tokens = tokens[:, :bench.longest(tokens)]
+    # The math backend computes attention with matmuls the counter sees (it skips the fused CPU kernel).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.encode_image(images), model.encode_text(tokens)
+    assert bench.useful_flops(bench.TINY, 3, 3, tokens.shape[1], backward=False) == counter.get_total_flops()
+
+
+def test_main_prints_json(capsys):
+    report = bench.main(["--json", "--tiny", "--device", "cpu", "--batch-sizes", "4", "--warmup", "0", "--iters", "1",
+                         "--test-images", "2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(report))
+    expected = {"model", "method", "device", "amp", "flops", "matmul_gflops", "max_abs_diff", "input", "results"}
+    assert expected <= set(printed)
+    assert printed["amp"] == "off"  # bf16 is never the CPU default
+    assert max(printed["max_abs_diff"].values()) < 1e-5
+    row = printed["results"]["4"]
+    for path in ("ours", "released"):
+        assert row[path]["train"]["pairs_per_s"] > 0 and row[path]["train"]["peak_mb"] > 0
+        assert row[path]["encode"]["images_per_s"] > 0 and row[path]["train"]["useful_gflops"] > 0
+    assert row["speedup"]["train"] > 0 and row["train_memory_ratio"] > 0
+    assert printed["input"]["decode_images_per_s"] > 0 and printed["input"]["batch_images_per_s"] > 0
