@@ -9,12 +9,12 @@ loop runs. The baseline is OpenAI's reference CLIP modules (pip install -r requi
 released PE-RSITR code drives them: blocks called one by one in [L, B, D] through nn.MultiheadAttention, the
 MRS-Adapter in fp32 beside each MLP, four encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone
 frozen, HMMC, Adam. Both paths hold the same weights; their clean embeddings are compared before anything is timed.
+Each path runs in a fresh process, so that the peak memory it reports is its own (Linux).
 """
 import argparse
 import json
 import os
 import random
-import resource
 import tempfile
 import time
 import warnings
@@ -41,23 +41,14 @@ FLOPS_NOTE = ("useful FLOPs: analytic matmul FLOPs of what a step needs, the for
 TINY = clip_min.CLIPConfig(embed_dim=64, image_resolution=64, patch_size=16, vision_width=128, vision_layers=2,
                            text_width=128, text_layers=2)  # for tests: every code path, in seconds
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense bf16
-SCENES = ["airport", "harbor", "farmland", "dense residential area", "parking lot", "river", "playground",
-          "industrial area", "forest", "beach", "stadium", "bridge", "railway station", "church", "desert"]
-THINGS = ["planes", "white buildings", "green trees", "cars", "boats", "storage tanks", "roads", "houses", "ships"]
-CLAUSES = ["many {t} are in the {s}", "some {t} are next to a large {s}", "a gray road goes through the {s}",
-           "the {s} is surrounded by {t}", "several {t} stand on both sides of the {s}", "{t} and a {s} are seen"]
+WORDS = ("many planes white buildings green trees are parked in near the airport harbor river beside a large "
+         "parking lot with several cars boats storage tanks and roads on both sides of dense residential area").split()
 
 
 def captions(n, seed=0):
     """Captions of 10 to 35 words, as long as RSICD's and RSITMD's (not 77-token fillers)."""
-    rng, out = random.Random(seed), []
-    for _ in range(n):
-        words, target = [], rng.randint(10, 35)
-        while len(words) < target:
-            clause = rng.choice(CLAUSES).format(t=rng.choice(THINGS), s=rng.choice(SCENES))
-            words += (["and"] if words else []) + clause.split()
-        out.append(" ".join(words[:target]) + " .")
-    return out
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(10, 35))) + " ." for _ in range(n)]
 
 
 class ReleasedAdapter(nn.Module):
@@ -160,6 +151,15 @@ def longest(tokens):
     return int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
 
 
+def max_differences(ours, released, images, tokens):
+    """Max |ours - released| of the clean embeddings, eval mode (dropout off)."""
+    ours.eval(), released.eval()
+    with torch.no_grad():
+        image, text, _, _ = adapter.encode_views(ours, images, tokens[:, :longest(tokens)])
+        return {"image": (image - released.encode_image(images, 0.0)).abs().max().item(),
+                "text": (text - released.encode_text(tokens, 0.0)).abs().max().item()}
+
+
 def useful_flops(c, images, texts, text_tokens, backward):
     """See FLOPS_NOTE. images, texts: sequences through each encoder."""
     patches = (c.image_resolution // c.patch_size) ** 2
@@ -184,26 +184,24 @@ def timed(fn, warmup, iters, device):
     return (time.perf_counter() - start) / iters
 
 
-def peak_mb(device, reset=False):
-    """Peak memory since the last reset: allocated on CUDA; on a CPU the resident set's high-water mark."""
+def peak_mb(device):
+    """Peak memory since the previous call, then reset: allocated on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
-        if reset:
-            return torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/clear_refs" if reset else "/proc/self/status", "w" if reset else "r") as f:
-            # Writing 5 resets VmHWM to the current RSS (Linux).
-            return f.write("5") if reset else next(int(s.split()[1]) for s in f if s.startswith("VmHWM")) / 1024
-    except OSError:  # no /proc: the process's peak since it started (this process runs only this measurement)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    return peak
 
 
 def measure(path, opts, batch):
-    """Time one path at one batch size: training steps, then encoding a test set (five captions per image).
-    On a CPU this runs in a fresh process, so that the peak RSS is this path's alone."""
+    """Time one path at one batch size: training steps, then encoding a test set (five captions per image)."""
     device, config = torch.device(opts["device"]), TINY if opts["tiny"] else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
-    model = build_ours(config, opts["method"]).to(device).train()
+    model = build_ours(config, opts["method"]).to(device)
     images, tokens = inputs(config, batch, device)
     test_images, test_tokens = inputs(config, opts["test_images"], device, seed=1)
     test_tokens = torch.cat([test_tokens] * 5)
@@ -211,46 +209,38 @@ def measure(path, opts, batch):
     if path == "released":
         model = build_released(model, fp16=device.type == "cuda")
         params = list(model.adapter.parameters())
-
-        def step():
-            model.step(optimizer, images, tokens)
-
-        def encode():
-            return model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0)
+        step = lambda: model.step(optimizer, images, tokens)  # noqa: E731
+        encode = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         encoder = train.ViewsEncoder(model)
-        encoder = torch.compile(encoder, mode=opts["compile_mode"]) if opts["compile"] else encoder
+        encoder = torch.compile(encoder, mode=opts["compile"]) if opts["compile"] else encoder
         args = argparse.Namespace(amp=opts["amp"], loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        ids = torch.arange(batch, device=device)
-        test_tokens = test_tokens[:, :longest(test_tokens)]  # exact, as train_step does
-
-        def step():
-            train.train_step(encoder, optimizer, scaler, images, tokens, ids, args)
+        scaler, ids = torch.amp.GradScaler(device.type, enabled=amp == torch.float16), torch.arange(batch, device=device)
+        step = lambda: train.train_step(encoder, optimizer, scaler, images, tokens, ids, args)  # noqa: E731
+        test_tokens = test_tokens[:, :longest(test_tokens)]  # exact, as evaluation does
 
         def encode():
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 return model.encode_image(test_images), model.encode_text(test_tokens)
-    optimizer = torch.optim.Adam(params, lr=2e-4) if params else None
+    optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
     parts = [("train", step, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
              ("encode", encode, "images_per_s", len(test_images),
               useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))]
     result = {}
-    for part, fn, unit, items, flops in parts[0 if optimizer else 1:]:  # zero-shot trains nothing
+    for part, fn, unit, items, flops in parts[0 if optimizer else 1:]:
         model.train(part == "train")
-        peak_mb(device, reset=True)
+        peak_mb(device)
         with torch.inference_mode(part == "encode"):
             seconds = timed(fn, opts["warmup"], opts["iters"], device)
-        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
-                        "peak_mb": peak_mb(device)}
+        gflops = flops / seconds / 1e9
+        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": gflops, "peak_mb": peak_mb(device),
+                        "efficiency": gflops / opts["flop_rate"] if opts["flop_rate"] else None}
     return result
 
 
 def run(path, opts, batch):
-    if opts["device"] != "cpu":
-        return measure(path, opts, batch)
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak RSS
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak memory
         return pool.submit(measure, path, opts, batch).result()
 
 
@@ -258,15 +248,6 @@ def matmul_gflops(device, size=2048, iters=3):
     """The machine's own fp32 matmul rate, on a square product about the size of our layers' products."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     return 2 * size ** 3 / timed(lambda: a @ b, 1, iters, device) / 1e9
-
-
-def max_differences(ours, released, images, tokens):
-    """Max |ours - released| of the clean embeddings, eval mode (dropout off)."""
-    ours.eval(), released.eval()
-    with torch.no_grad():
-        image, text, _, _ = adapter.encode_views(ours, images, tokens[:, :longest(tokens)])
-        return {"image": (image - released.encode_image(images, 0.0)).abs().max().item(),
-                "text": (text - released.encode_text(tokens, 0.0)).abs().max().item()}
 
 
 def input_pipeline(device, batch, n_files=48):
@@ -280,30 +261,27 @@ def input_pipeline(device, batch, n_files=48):
         cache = data.cache_images(paths, 224, workers=os.cpu_count(), log_every=0).to(device)
         decode = n_files / (time.perf_counter() - start)
     index = torch.randint(0, n_files, (batch,), device=device)
-    per_batch = timed(lambda: data.normalise(cache[index]), 2, 10, device)
-    return {"decode_images_per_s": decode, "batch_images_per_s": batch / per_batch}
+    return {"decode_images_per_s": decode,
+            "batch_images_per_s": batch / timed(lambda: data.normalise(cache[index]), 2, 10, device)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="mrs", choices=adapter.METHODS)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="[CPU: 16; CUDA: 16 128]")
+    p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="the baseline exists for mrs only")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="[CPU: 16; CUDA: 16 128]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on CUDA, off on CPU]")
-    p.add_argument("--compile", action="store_true", help="torch.compile our encoder, as train.py --compile does")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile's mode (implies --compile); reduce-overhead adds CUDA graphs")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
-    p.add_argument("--iters", type=int, default=None, help="timed steps [CPU 1, CUDA 20]")
-    p.add_argument("--test-images", type=int, default=None, help="test images encoded, 5 captions each [8, 512]")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU [by GPU name]")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 on CUDA, off on CPU]")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile our encoder, as train.py --compile does; MODE reduce-overhead adds CUDA graphs")
+    p.add_argument("--warmup", type=int, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
+    p.add_argument("--iters", type=int, help="timed steps [CPU 1, CUDA 20]")
+    p.add_argument("--test-images", type=int, help="test images encoded, 5 captions each [CPU 8, CUDA 512]")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU [by GPU name]")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
-    cuda, opts.compile = opts.device.startswith("cuda"), opts.compile or opts.compile_mode is not None
-    if cuda and not torch.cuda.is_available():
-        p.error(f"--device {opts.device}: CUDA is not available here")
+    cuda = opts.device.startswith("cuda")
     for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("amp", "off", "bf16"), ("warmup", 1, 5),
                                   ("iters", 1, 20), ("test_images", 8, 512)):
         if getattr(opts, name) is None:
@@ -317,61 +295,47 @@ def main(argv=None):
     opts = parse_args(argv)
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
-    baseline = not opts.skip_baseline and opts.method == "mrs"
-    report = dict(model="tiny" if opts.tiny else "ViT-B/32", method=opts.method, device=str(device), amp=opts.amp,
-                  compile=opts.compile and (opts.compile_mode or "default"), warmup=opts.warmup, iters=opts.iters,
-                  threads=torch.get_num_threads(), flops=FLOPS_NOTE, results={})
+    report = dict(model="tiny" if opts.tiny else "ViT-B/32", method=opts.method, device=opts.device, amp=opts.amp,
+                  compile=opts.compile, warmup=opts.warmup, iters=opts.iters, threads=torch.get_num_threads(),
+                  flops=FLOPS_NOTE, results={})
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
         report.update(gpu=name, peak_tflops=peak)
-        say(f"{name}: bf16 dense peak {report['peak_tflops']} TFLOP/s (--peak-tflops overrides)")
+        say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
     else:
-        report["matmul_gflops"] = matmul_gflops(device)
-        say(f"CPU, {report['threads']} threads: an fp32 2048^3 matmul runs at {report['matmul_gflops']:.1f} GFLOP/s")
-        report["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        if (report["load_average"] or 0) > 0.5:  # other processes share the cores: every timing below suffers
-            say(f"warning: load average {report['load_average']:.1f} before starting; CPU timings are unreliable")
-    say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {report['compile']}, "
+        report.update(load_average=os.getloadavg()[0], matmul_gflops=matmul_gflops(device))
+        say(f"CPU, {report['threads']} threads, load average {report['load_average']:.1f} (other work slows every "
+            f"timing): fp32 2048^3 matmul {report['matmul_gflops']:.1f} GFLOP/s; eff below: useful FLOP rate / it")
+    say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up + {opts.iters} timed steps\n{FLOPS_NOTE}")
-    if opts.method != "mrs" and not opts.skip_baseline:
-        say("no baseline: the released code path exists for the MRS-Adapter only")
+    baseline = opts.method == "mrs" and not opts.skip_baseline  # the released code has the MRS-Adapter only
     if baseline:
         ours = build_ours(config, "mrs").to(device)
-        report["max_abs_diff"] = max_differences(ours, build_released(ours), *inputs(config, 4, device, seed=2))
-        say("same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {image:.2e}, "
-            "text {text:.2e}".format(**report["max_abs_diff"]))
-        if max(report["max_abs_diff"].values()) > 1e-3:
+        diffs = report["max_abs_diff"] = max_differences(ours, build_released(ours), *inputs(config, 4, device, 2))
+        say(f"same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {diffs['image']:.2e}, "
+            f"text {diffs['text']:.2e}")
+        if max(diffs.values()) > 1e-3:
             raise SystemExit("the two paths compute different embeddings: timing them would compare different work")
-        del ours
     report["input"] = input_pipeline(device, max(opts.batch_sizes))
     say("input: decode + resize files (data.cache_images) {decode_images_per_s:.0f} images/s; per batch from the "
         "uint8 cache (index + data.normalise) {batch_images_per_s:.0f} images/s".format(**report["input"]))
-    rate = report.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3  # what "eff" divides by
-    say("batch     path | train pairs/s  s/step  GFLOP/s   eff  peak MB | encode images/s  GFLOP/s   eff  peak MB")
+    flop_rate = report.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3
+    say("batch     path   part |    rate (train: pairs/s, encode: images/s)   s/iter  GFLOP/s   eff  peak MB")
     for batch in opts.batch_sizes:
         paths = ("released", "ours") if baseline else ("ours",)
-        row = report["results"][str(batch)] = {path: run(path, vars(opts), batch) for path in paths}
-        for path, result in row.items():
-            for r in result.values():
-                r["efficiency"] = r["useful_gflops"] / rate if rate else None
-            t, e = result.get("train", dict(pairs_per_s=0, seconds=0, useful_gflops=0, peak_mb=0)), result["encode"]
-            say(f"{batch:5} {path:>8} | {t['pairs_per_s']:13.2f} {t['seconds']:7.3f} {t['useful_gflops']:8.1f} "
-                f"{t.get('efficiency') or 0:5.0%} {t['peak_mb']:8.0f} | {e['images_per_s']:15.2f} "
-                f"{e['useful_gflops']:8.1f} {e['efficiency'] or 0:5.0%} {e['peak_mb']:8.0f}")
-        if baseline and "train" in row["ours"]:
+        row = report["results"][str(batch)] = {path: run(path, {**vars(opts), "flop_rate": flop_rate}, batch)
+                                               for path in paths}
+        for path, parts in row.items():
+            for part, r in parts.items():
+                say(f"{batch:5} {path:>8} {part:>6} | {r.get('pairs_per_s') or r.get('images_per_s'):41.2f} "
+                    f"{r['seconds']:8.3f} {r['useful_gflops']:8.1f} {r['efficiency'] or 0:5.0%} {r['peak_mb']:8.0f}")
+        if baseline:
             ours, released = row["ours"], row["released"]
-            row["speedup"] = {part: released[part]["seconds"] / ours[part]["seconds"] for part in ("train", "encode")}
+            row["speedup"] = {part: released[part]["seconds"] / ours[part]["seconds"] for part in ours}
             row["train_memory_ratio"] = ours["train"]["peak_mb"] / released["train"]["peak_mb"]
-            say(f"{batch:5} speed ours / released: training {row['speedup']['train']:.2f}x, encoding "
-                f"{row['speedup']['encode']:.2f}x; training peak memory ours / released "
-                f"{row['train_memory_ratio']:.2f}x")
-    fastest = max(r["ours"].get("train", {}).get("pairs_per_s", 0) for r in report["results"].values())
-    say(f"the per-batch input path delivers {report['input']['batch_images_per_s'] / max(fastest, 1e-9):.0f}x the "
-        "fastest training rate above (decoding happens once, into the uint8 cache)")
-    say("eff: useful FLOP rate / " + ("the fp32 matmul rate above" if device.type == "cpu" else "the bf16 peak: MFU"))
-    say("targets: CPU: training >= 1.3x the released path, peak memory no higher, useful FLOP rate >= 80% of the "
-        "matmul rate; CUDA: >= 3x the released path's steps/s at batch 16, >= 40% MFU at batch 128")
+            say(f"{batch:5} ours / released: speed: training {row['speedup']['train']:.2f}x, encoding "
+                f"{row['speedup']['encode']:.2f}x; training peak memory {row['train_memory_ratio']:.2f}x")
     if opts.json:
         print(json.dumps(report))
     return report

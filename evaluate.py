@@ -94,11 +94,13 @@ def load_backbone(clip, dataset, seed, device):
     """The frozen CLIP: a released name or a checkpoint path; for the demo, the bundled mini CLIP if present, else a
     randomly initialised tiny CLIP (the same one for a given seed, so a trained adapter finds its backbone again)."""
     if clip is None and dataset == "demo":
-        if os.path.isfile(DEMO_CLIP):
+        found = os.path.isfile(DEMO_CLIP)
+        backbone = "a mini CLIP pretrained on synthetic data" if found else "a randomly initialised tiny CLIP"
+        print(f"demo: synthetic images and captions, and {backbone} instead of OpenAI's ViT-B/32. This run "
+              "demonstrates the pipeline; its numbers say nothing about the paper's.")
+        if found:
             clip = DEMO_CLIP
         else:
-            print("demo: no pretrained CLIP at hand, so a randomly initialised tiny CLIP is used. This run "
-                  "demonstrates the pipeline; its numbers say nothing about the paper's.")
             torch.manual_seed(seed)
             return clip_min.CLIP(TINY_CLIP).to(device).eval()
     return clip_min.load(clip or "ViT-B/32", device=device)[0]
