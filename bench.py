@@ -1,20 +1,19 @@
 """Speed of a training step and of test-set encoding, ours against the paper's released code path.
 
-    python bench.py                                     # CPU: batch 16, MRS-Adapter, ours vs the released path
-    python bench.py --batch-sizes 16 64 --iters 2       # longer: each ViT-B/32 step takes seconds on a CPU
+    python bench.py                                         # CPU: ViT-B/32, batch 16, MRS-Adapter, both paths
     python bench.py --device cuda --batch-sizes 16 128 --compile --json
 
-Full ViT-B/32 shapes with random weights, so it runs anywhere. Ours is train.train_step, the function the training
-loop runs. The baseline is OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the
-released PE-RSITR code drives them: blocks called one by one in [L, B, D] through nn.MultiheadAttention, the
-MRS-Adapter in fp32 beside each MLP, four encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone
-frozen, HMMC, Adam. Both paths hold the same weights; their clean embeddings are compared before anything is timed.
-Each path runs in a fresh process, so that the peak memory it reports is its own (Linux).
+Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the training loop runs. The baseline is
+OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
+them: blocks one by one in [L, B, D] through nn.MultiheadAttention, the MRS-Adapter in fp32 beside each MLP, four
+encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone frozen, HMMC, Adam. Both paths hold the same
+weights, and their clean embeddings are compared before anything is timed. Each path runs in a fresh process, so
+that the peak memory it reports is its own (Linux).
 """
 import argparse
+import copy
 import json
 import os
-import random
 import tempfile
 import time
 import warnings
@@ -45,41 +44,34 @@ WORDS = ("many planes white buildings green trees are parked in near the airport
          "parking lot with several cars boats storage tanks and roads on both sides of dense residential area").split()
 
 
-def captions(n, seed=0):
-    """Captions of 10 to 35 words, as long as RSICD's and RSITMD's (not 77-token fillers)."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(10, 35))) + " ." for _ in range(n)]
-
-
-class ReleasedAdapter(nn.Module):
-    """The MRS-Adapter as released (its parameter names), computed in fp32 and cast back to the stream's dtype."""
-
-    def __init__(self, image_width, text_width, bottleneck=64, dropout=0.5):
-        super().__init__()
-        self.visual_down_proj, self.down_proj = nn.Linear(image_width, bottleneck), nn.Linear(text_width, bottleneck)
-        self.visual_up_proj = nn.Linear(bottleneck, image_width - bottleneck)
-        self.up_proj = nn.Linear(bottleneck, text_width - bottleneck)
-        self.share_up_proj = nn.Linear(bottleneck, bottleneck)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, visual):
-        down, up = (self.visual_down_proj, self.visual_up_proj) if visual else (self.down_proj, self.up_proj)
-        h = self.dropout(F.relu(down(x.float())))
-        return torch.cat([up(h), self.share_up_proj(h)], dim=-1).to(x.dtype)
-
-
 class ReleasedPath(nn.Module):
-    """OpenAI's reference CLIP driven as the released code drives it, the adapter beside every block's MLP."""
+    """The baseline, holding exactly the weights of `ours`. fp16: the backbone's, as the released code on a GPU."""
 
-    def __init__(self, reference, mrs):
+    def __init__(self, ours, fp16=False):
         super().__init__()
-        self.clip, self.adapter = reference, mrs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
+            from clip import model as openai  # OpenAI's reference code (PyPI clip-anytorch)
+        c = ours.config
+        self.clip = openai.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width, c.patch_size,
+                                c.context_length, c.vocab_size, c.text_width, c.text_width // 64, c.text_layers)
+        self.clip.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mrs_adapter.")})
+        self.clip.requires_grad_(False)
+        if fp16:
+            openai.convert_weights(self.clip)
+        self.adapter = nn.ModuleDict({official: copy.deepcopy(getattr(ours.mrs_adapter, mine))  # released names
+                                      for official, mine in adapter.OFFICIAL_MRS_NAMES.items()})
+        self.adapter_dropout = ours.mrs_adapter.dropout.p
+        self.to(ours.text_projection.device).train(ours.training)
 
     def blocks(self, x, resblocks, visual):
+        a = self.adapter
+        down, up = (a.visual_down_proj, a.visual_up_proj) if visual else (a.down_proj, a.up_proj)
         x = x.permute(1, 0, 2)  # NLD -> LND, the reference blocks' layout
         for block in resblocks:
             x = x + block.attention(block.ln_1(x))
-            x = x + block.mlp(block.ln_2(x)) + self.adapter(x, visual)
+            h = F.dropout(F.relu(down(x.float())), self.adapter_dropout, self.training)  # the adapter runs in fp32
+            x = x + block.mlp(block.ln_2(x)) + torch.cat([up(h), a.share_up_proj(h)], dim=-1).to(x.dtype)
         return x.permute(1, 0, 2)
 
     def encode_image(self, images, p):
@@ -109,42 +101,20 @@ class ReleasedPath(nn.Module):
 
 
 def build_ours(config, method, seed=0):
-    """A random CLIP with `method` applied. A new MRS-Adapter outputs zeros; random weights make it change the
-    outputs, so that comparing the two paths tests the adapter too."""
+    """A random CLIP with `method` applied; a random MRS-Adapter too, so that comparing the paths tests it."""
     torch.manual_seed(seed)
     model = adapter.apply(clip_min.CLIP(config), method)
-    with torch.no_grad():
-        for p in model.mrs_adapter.parameters() if method == "mrs" else []:
-            p.normal_(0, 0.02)
+    for p in model.mrs_adapter.parameters() if method == "mrs" else []:
+        nn.init.normal_(p, std=0.02)
     return model
 
 
-def build_released(ours, fp16=False):
-    """The released path holding exactly our weights, backbone frozen (fp16: as the released code keeps it on a GPU)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
-            from clip import model as openai
-    except ImportError as e:
-        raise SystemExit("the baseline needs OpenAI's reference CLIP (PyPI clip-anytorch): "
-                         "pip install -r requirements-test.txt, or pass --skip-baseline") from e
-    c = ours.config
-    reference = openai.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width, c.patch_size,
-                            c.context_length, c.vocab_size, c.text_width, c.text_width // 64, c.text_layers)
-    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mrs_adapter.")})
-    mrs = ReleasedAdapter(c.vision_width, c.text_width, **ours.petl_options)
-    mrs.load_state_dict({f"{name}.{kind}": getattr(getattr(ours.mrs_adapter, mine), kind)
-                         for name, mine in adapter.OFFICIAL_MRS_NAMES.items() for kind in ("weight", "bias")})
-    reference.requires_grad_(False)
-    if fp16:
-        openai.convert_weights(reference)
-    return ReleasedPath(reference, mrs).to(ours.text_projection.device).train(ours.training)
-
-
 def inputs(config, batch, device, seed=0):
-    torch.manual_seed(seed)
-    images = torch.randn(batch, 3, config.image_resolution, config.image_resolution, device=device)
-    return images, clip_min.tokenize(captions(batch, seed)).to(device)
+    """Random images; captions of 10 to 35 words, as long as RSICD's and RSITMD's (not 77-token fillers)."""
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    texts = [" ".join(rng.choice(WORDS, rng.integers(10, 36))) + " ." for _ in range(batch)]
+    images = torch.randn(batch, 3, config.image_resolution, config.image_resolution, generator=generator)
+    return images.to(device), clip_min.tokenize(texts).to(device)
 
 
 def longest(tokens):
@@ -173,12 +143,11 @@ def useful_flops(c, images, texts, text_tokens, backward):
 
 
 def timed(fn, warmup, iters, device):
-    for _ in range(warmup):
-        fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
+    for i in range(warmup + iters):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
         fn()
     sync()
     return (time.perf_counter() - start) / iters
@@ -199,55 +168,46 @@ def peak_mb(device):
 
 def measure(path, opts, batch):
     """Time one path at one batch size: training steps, then encoding a test set (five captions per image)."""
-    device, config = torch.device(opts["device"]), TINY if opts["tiny"] else clip_min.CLIPConfig()
+    device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
-    model = build_ours(config, opts["method"]).to(device)
+    model = build_ours(config, opts.method).to(device)
     images, tokens = inputs(config, batch, device)
-    test_images, test_tokens = inputs(config, opts["test_images"], device, seed=1)
+    test_images, test_tokens = inputs(config, opts.test_images, device, seed=1)
     test_tokens = torch.cat([test_tokens] * 5)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["amp"])
     if path == "released":
-        model = build_released(model, fp16=device.type == "cuda")
-        params = list(model.adapter.parameters())
-        step = lambda: model.step(optimizer, images, tokens)  # noqa: E731
-        encode = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
+        model = ReleasedPath(model, fp16=device.type == "cuda")
+        optimizer = torch.optim.Adam(model.adapter.parameters(), lr=2e-4)
+        parts = {"train": lambda: model.step(optimizer, images, tokens),
+                 "encode": lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))}
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
         encoder = train.ViewsEncoder(model)
-        encoder = torch.compile(encoder, mode=opts["compile"]) if opts["compile"] else encoder
-        args = argparse.Namespace(amp=opts["amp"], loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
-        scaler, ids = torch.amp.GradScaler(device.type, enabled=amp == torch.float16), torch.arange(batch, device=device)
-        step = lambda: train.train_step(encoder, optimizer, scaler, images, tokens, ids, args)  # noqa: E731
-        test_tokens = test_tokens[:, :longest(test_tokens)]  # exact, as evaluation does
-
-        def encode():
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                return model.encode_image(test_images), model.encode_text(test_tokens)
-    optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
-    parts = [("train", step, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
-             ("encode", encode, "images_per_s", len(test_images),
-              useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))]
+        encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
+        args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
+        amp, cut = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp), longest(test_tokens)
+        parts = {"train": lambda: train.train_step(encoder, optimizer, scaler, images, tokens, None, args),
+                 "encode": torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)(
+                     lambda: (model.encode_image(test_images), model.encode_text(test_tokens[:, :cut])))}
+    counts = {"train": ("pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
+              "encode": ("images_per_s", len(test_images),
+                         useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))}
     result = {}
-    for part, fn, unit, items, flops in parts[0 if optimizer else 1:]:
+    for part in parts if optimizer else ["encode"]:
+        (unit, items, flops), fn = counts[part], parts[part]
         model.train(part == "train")
         peak_mb(device)
         with torch.inference_mode(part == "encode"):
-            seconds = timed(fn, opts["warmup"], opts["iters"], device)
-        gflops = flops / seconds / 1e9
-        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": gflops, "peak_mb": peak_mb(device),
-                        "efficiency": gflops / opts["flop_rate"] if opts["flop_rate"] else None}
+            seconds = timed(fn, opts.warmup, opts.iters, device)
+        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
+                        "peak_mb": peak_mb(device)}
     return result
 
 
 def run(path, opts, batch):
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak memory
         return pool.submit(measure, path, opts, batch).result()
-
-
-def matmul_gflops(device, size=2048, iters=3):
-    """The machine's own fp32 matmul rate, on a square product about the size of our layers' products."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size ** 3 / timed(lambda: a @ b, 1, iters, device) / 1e9
 
 
 def input_pipeline(device, batch, n_files=48):
@@ -281,11 +241,10 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
-    cuda = opts.device.startswith("cuda")
     for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("amp", "off", "bf16"), ("warmup", 1, 5),
                                   ("iters", 1, 20), ("test_images", 8, 512)):
         if getattr(opts, name) is None:
-            setattr(opts, name, on_cuda if cuda else on_cpu)
+            setattr(opts, name, on_cuda if opts.device.startswith("cuda") else on_cpu)
     if min(opts.batch_sizes) < 2 or opts.iters < 1 or opts.warmup < 0 or opts.test_images < 1:
         p.error("batch sizes must be >= 2 (HMMC needs negatives), --iters and --test-images >= 1, --warmup >= 0")
     return opts
@@ -295,40 +254,40 @@ def main(argv=None):
     opts = parse_args(argv)
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
-    report = dict(model="tiny" if opts.tiny else "ViT-B/32", method=opts.method, device=opts.device, amp=opts.amp,
-                  compile=opts.compile, warmup=opts.warmup, iters=opts.iters, threads=torch.get_num_threads(),
+    report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),
                   flops=FLOPS_NOTE, results={})
-    if device.type == "cuda":
+    if device.type == "cuda":  # eff: model FLOP utilisation
         name = torch.cuda.get_device_name(device)
         peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
         report.update(gpu=name, peak_tflops=peak)
+        flop_rate = peak and peak * 1e3
         say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
-    else:
-        report.update(load_average=os.getloadavg()[0], matmul_gflops=matmul_gflops(device))
-        say(f"CPU, {report['threads']} threads, load average {report['load_average']:.1f} (other work slows every "
-            f"timing): fp32 2048^3 matmul {report['matmul_gflops']:.1f} GFLOP/s; eff below: useful FLOP rate / it")
+    else:  # eff: against the machine's own fp32 rate, on a product about the size of our layers' products
+        a = torch.randn(2048, 2048)
+        flop_rate = report["matmul_gflops"] = 2 * 2048 ** 3 / timed(lambda: a @ a, 1, 3, device) / 1e9
+        say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}: an fp32 2048^3 matmul runs at "
+            f"{flop_rate:.1f} GFLOP/s; eff below: useful FLOP rate / it")
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up + {opts.iters} timed steps\n{FLOPS_NOTE}")
     baseline = opts.method == "mrs" and not opts.skip_baseline  # the released code has the MRS-Adapter only
+    paths = ("released", "ours") if baseline else ("ours",)
     if baseline:
         ours = build_ours(config, "mrs").to(device)
-        diffs = report["max_abs_diff"] = max_differences(ours, build_released(ours), *inputs(config, 4, device, 2))
-        say(f"same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {diffs['image']:.2e}, "
-            f"text {diffs['text']:.2e}")
+        diffs = report["max_abs_diff"] = max_differences(ours, ReleasedPath(ours), *inputs(config, 4, device, 2))
+        say("same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {image:.2e}, "
+            "text {text:.2e}".format(**diffs))
         if max(diffs.values()) > 1e-3:
             raise SystemExit("the two paths compute different embeddings: timing them would compare different work")
     report["input"] = input_pipeline(device, max(opts.batch_sizes))
     say("input: decode + resize files (data.cache_images) {decode_images_per_s:.0f} images/s; per batch from the "
         "uint8 cache (index + data.normalise) {batch_images_per_s:.0f} images/s".format(**report["input"]))
-    flop_rate = report.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3
-    say("batch     path   part |    rate (train: pairs/s, encode: images/s)   s/iter  GFLOP/s   eff  peak MB")
+    say("batch     path   part | pairs/s (train), images/s (encode)   s/iter  GFLOP/s   eff  peak MB")
     for batch in opts.batch_sizes:
-        paths = ("released", "ours") if baseline else ("ours",)
-        row = report["results"][str(batch)] = {path: run(path, {**vars(opts), "flop_rate": flop_rate}, batch)
-                                               for path in paths}
+        row = report["results"][str(batch)] = {p: run(p, opts, batch) for p in paths}
         for path, parts in row.items():
             for part, r in parts.items():
-                say(f"{batch:5} {path:>8} {part:>6} | {r.get('pairs_per_s') or r.get('images_per_s'):41.2f} "
+                r["efficiency"] = r["useful_gflops"] / flop_rate if flop_rate else None
+                say(f"{batch:5} {path:>8} {part:>6} | {r.get('pairs_per_s') or r['images_per_s']:34.2f} "
                     f"{r['seconds']:8.3f} {r['useful_gflops']:8.1f} {r['efficiency'] or 0:5.0%} {r['peak_mb']:8.0f}")
         if baseline:
             ours, released = row["ours"], row["released"]

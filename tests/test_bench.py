@@ -15,7 +15,7 @@ import train
 def test_released_path_matches_ours():
     """Same weights, dropout off: same clean embeddings, same HMMC loss, same adapter gradients after one step."""
     ours = bench.build_ours(bench.TINY, "mrs").eval()
-    released = bench.build_released(ours).eval()
+    released = bench.ReleasedPath(ours).eval()
     assert not any(p.requires_grad for p in released.clip.parameters())  # the backbone is frozen
     images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
     assert bench.longest(tokens) < tokens.shape[1]  # ours runs on cut text, the released path on all 77 tokens
