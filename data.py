@@ -11,17 +11,16 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
-from torchvision.transforms import InterpolationMode
 
 from clip_min.transform import CLIP_MEAN, CLIP_STD
 
-# Where the generated demo datasets are kept.
-DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))
+DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))  # generated demo datasets
 SOURCES = ("The precomp files (<name>_precomp/ plus the <name>_images/ folder) come with the GaLR and AMFMN "
            "repositories (github.com/xiaoyuan1996/GaLR, github.com/xiaoyuan1996/AMFMN); the Karpathy-style "
            "JSON files are named dataset_<name>.json (dataset_rsicd.json, ...).")
@@ -43,8 +42,7 @@ class Split:
 def _read_lines(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing caption file {path}")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark must not stick to the first caption
-        return f.read().splitlines()
+    return Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: no byte-order mark on the first caption
 
 
 def _read_precomp(folder, split):
@@ -65,10 +63,9 @@ def _read_precomp(folder, split):
 def _read_karpathy(path, split):
     wanted = ("train", "val", "restval") if split == "train" else ("test",)
     try:
-        with open(path, encoding="utf-8") as f:
-            entries = [e for e in json.load(f)["images"] if e["split"] in wanted]
+        entries = [e for e in json.loads(Path(path).read_text(encoding="utf-8"))["images"] if e["split"] in wanted]
         return [e["filename"] for e in entries], [[s["raw"] for s in e["sentences"]] for e in entries]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a Karpathy-style caption file ({type(e).__name__}: {e})") from e
 
 
@@ -84,29 +81,25 @@ def load_split(name, root, split):
     else:
         raise FileNotFoundError(f"dataset {name!r} not found under {root}: looked for the precomp folder {precomp} "
                                 f"and the Karpathy JSON file {karpathy}. {SOURCES}")
-    anomalies = dict(empty_captions=0, images_dropped=0, images_padded=0, images_truncated=0)
     kept, captions = [], []
+    anomalies = dict(empty_captions=0, images_dropped=0, images_padded=0, images_truncated=0)
     for image, caps in zip(names, groups):
         caps = [c.strip() for c in caps]
         good = [c for c in caps if c]
         anomalies["empty_captions"] += len(caps) - len(good)
-        if not good:  # RSITMD's train file has four images whose five captions are all empty lines
-            anomalies["images_dropped"] += 1
-            continue
-        # Exactly five per image, as the metrics assume: pad with the image's own captions, or truncate.
-        anomalies["images_padded"] += len(caps) < 5
-        anomalies["images_truncated"] += len(caps) > 5
-        five = (caps + good * 5)[:5]
-        captions += [c or good[i % len(good)] for i, c in enumerate(five)]  # empty -> another of the same image
-        kept.append(image)
+        anomalies["images_dropped"] += not good  # RSITMD's train file has four images with only empty captions
+        if good:  # exactly five per image, as the metrics assume: pad with the image's own captions, or truncate
+            anomalies["images_padded"] += len(caps) < 5
+            anomalies["images_truncated"] += len(caps) > 5
+            captions += [c or good[i % len(good)] for i, c in enumerate((caps + good * 5)[:5])]  # empty: a sibling
+            kept.append(image)
     if not kept:
         raise ValueError(f"dataset {name!r} under {root} has no {split} images with captions")
     dirs = [os.path.join(root, f"{name}_images"), os.path.join(precomp, f"{name}_images"),
             os.path.join(precomp, "images"), os.path.join(root, "images")]
     folder = next((d for d in dirs if os.path.isfile(os.path.join(d, kept[0]))), None)
     if folder is None:
-        raise FileNotFoundError(f"image {kept[0]} of {name} {split} not found; looked in {', '.join(dirs)}. "
-                                f"{SOURCES}")
+        raise FileNotFoundError(f"image {kept[0]} of {name} {split} not found; looked in {', '.join(dirs)}. {SOURCES}")
     missing = [n for n in kept if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of {name} {split} are missing from {folder}, "
@@ -119,9 +112,7 @@ def load_split(name, root, split):
 
 def dataset_location(name, root):
     """The (name, root) to read `name` from: the demo is generated once into a cache, then read like RSITMD."""
-    if name == "demo":
-        return make_demo(DEMO_ROOT), DEMO_ROOT
-    return name, root
+    return (make_demo(DEMO_ROOT), DEMO_ROOT) if name == "demo" else (name, root)
 
 
 def split_train_val(split, seed, val_fraction=0.2):
@@ -132,12 +123,9 @@ def split_train_val(split, seed, val_fraction=0.2):
                          "and at least 2 images)")
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, round(n * val_fraction)))
-
-    def subset(indices, part):
-        indices = sorted(int(i) for i in indices)
-        return Split(split.name, part, [split.image_paths[i] for i in indices],
-                     [split.captions[5 * i + k] for i in indices for k in range(5)])
-    return subset(order[n_val:], "train"), subset(order[:n_val], "val")
+    parts = {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
+    return tuple(Split(split.name, part, [split.image_paths[i] for i in ids],
+                       [split.captions[5 * i + k] for i in ids for k in range(5)]) for part, ids in parts.items())
 
 
 def open_image(path):
@@ -151,8 +139,7 @@ def open_image(path):
                 a = np.asarray(image)
                 if image.mode != "F" and a.min() >= 0 and a.max() <= 65535:
                     # 16-bit data: keep the high byte, a fixed map that keeps brightness comparable across images
-                    # and is what Pillow itself does with 16-bit RGB TIFFs. PIL's convert() would clip at 255
-                    # (white images); stretching each image to its own range would inflate flat scenes' noise.
+                    # (as Pillow does for 16-bit RGB TIFFs); convert() would clip, a per-image stretch inflate noise.
                     a = (a.astype(np.uint32) >> 8).astype(np.uint8)
                 else:  # float or 32-bit data have no full scale to divide by: use the actual range
                     a = a.astype(np.float64) - a.min()
@@ -167,17 +154,15 @@ def open_image(path):
         raise ValueError(f"cannot decode image {path}: {e}") from e
 
 
-def load_resized(path, resolution):
-    """CLIP's geometry (short side to `resolution`, bicubic; center crop), kept as uint8 [3, r, r]."""
-    image = TF.center_crop(TF.resize(open_image(path), resolution, InterpolationMode.BICUBIC), resolution)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
 def cache_images(paths, resolution=224, workers=8, log_every=1000):
-    """Decode, resize and crop every image once into a uint8 tensor [N, 3, r, r] (RSITMD at 224: ~0.65 GB)."""
+    """Decode every image once in CLIP's geometry (short side to `resolution`, bicubic; center crop) into a uint8
+    tensor [N, 3, r, r] (RSITMD at 224: ~0.65 GB)."""
+    def load(path):  # in a worker thread: PIL decodes and resizes outside the GIL
+        image = TF.resize(open_image(path), resolution, TF.InterpolationMode.BICUBIC)
+        return torch.from_numpy(np.array(TF.center_crop(image, resolution))).permute(2, 0, 1)
     out = torch.empty(len(paths), 3, resolution, resolution, dtype=torch.uint8)
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes and resizes outside the GIL
-        for i, image in enumerate(pool.map(lambda p: load_resized(p, resolution), paths)):
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i, image in enumerate(pool.map(load, paths)):
             out[i] = image
             if log_every and (i + 1) % log_every == 0:
                 print(f"decoded {i + 1}/{len(paths)} images", flush=True)
@@ -186,8 +171,7 @@ def cache_images(paths, resolution=224, workers=8, log_every=1000):
 
 def normalise(images):
     """uint8 images [..., 3, r, r] on any device -> the floats CLIP's ToTensor + Normalize give."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
     return (images.float() / 255 - mean) / std
 
 
@@ -212,8 +196,7 @@ COLOURS = {"red": (200, 50, 40), "white": (235, 235, 230), "blue": (50, 80, 210)
 GROUNDS = {"meadow": (70, 140, 60), "farmland": (150, 110, 60), "desert": (215, 190, 130)}
 POSITIONS = {"remote": ["left", "right", "top", "bottom"], "natural": ["left", "right"]}
 # Scenes are drawn with the buildings on the left, then mirrored or transposed to their position.
-MOVE = {"right": Image.Transpose.FLIP_LEFT_RIGHT, "top": Image.Transpose.TRANSPOSE,
-        "bottom": Image.Transpose.TRANSVERSE}
+MOVE = dict(right=Image.Transpose.FLIP_LEFT_RIGHT, top=Image.Transpose.TRANSPOSE, bottom=Image.Transpose.TRANSVERSE)
 
 
 def _draw(domain, ground, water, road, colour, count, position, s, rng):
@@ -241,18 +224,17 @@ def _draw(domain, ground, water, road, colour, count, position, s, rng):
             draw.polygon([(s * 3 // 4, horizon), (s * 3 // 4 + 3, horizon), (s, s), (s // 2, s)], (90, 90, 90))
         for x in range(2, 2 + count * (w + 2), w + 2):
             draw.rectangle((x, horizon - w, x + w, horizon + 2), COLOURS[colour])
-            roof = [(x - 1, horizon - w), (x + w + 1, horizon - w), (x + w // 2, horizon - w * 3 // 2)]
-            draw.polygon(roof, (120, 40, 30))
+            draw.polygon([(x - 1, horizon - w), (x + w + 1, horizon - w), (x + w // 2, horizon - w * 3 // 2)],
+                         (120, 40, 30))  # roof
     image = image.transpose(MOVE[position]) if position in MOVE else image
-    pixels = np.asarray(image) * ((1.15, 1.05, 0.85) if domain == "natural" else 1.0)  # warm, sunlit palette
-    pixels = pixels + rng.integers(-6, 7, (s, s, 3))  # sensor-like noise
+    palette = (1.15, 1.05, 0.85) if domain == "natural" else 1.0  # natural scenes: warm, sunlit
+    pixels = np.asarray(image) * palette + rng.integers(-6, 7, (s, s, 3))  # sensor-like noise
     return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
 
 def _captions(domain, ground, water, road, colour, count, position):
-    n = ["one", "two", "three", "four"][count - 1]
+    n, be = ["one", "two", "three", "four"][count - 1], "is" if count == 1 else "are"
     things = f"{n} {colour} {'building' if domain == 'remote' else 'house'}{'s' if count > 1 else ''}"
-    be = "is" if count == 1 else "are"
     water, road = f"a {water}" if water else "no water", "a road" if road else "no road"
     if domain == "remote":  # terse overhead descriptions, like RSITMD's
         return [f"{things} on the {position} side of the {ground} .", f"there {be} {things} in a {ground} .",
@@ -269,15 +251,13 @@ def make_demo(root, domain="remote", n_train=400, n_test=100, seed=0, size=64):
     if domain not in POSITIONS:
         raise ValueError(f"domain must be one of {list(POSITIONS)}, got {domain!r}")
     name = "demo" if domain == "remote" else f"demo_{domain}"
-    folder, image_dir = os.path.join(root, f"{name}_precomp"), os.path.join(root, f"{name}_images")
-    marker, params = os.path.join(folder, "complete.json"), dict(n_train=n_train, n_test=n_test, seed=seed, size=size)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if f.read() == json.dumps(params):
-                return name
-        os.remove(marker)  # made with other parameters: regenerate, unmarked until complete
-    for directory in (folder, image_dir):
-        os.makedirs(directory, exist_ok=True)
+    folder, image_dir = Path(root, f"{name}_precomp"), Path(root, f"{name}_images")
+    marker, params = folder / "complete.json", json.dumps(dict(n_train=n_train, n_test=n_test, seed=seed, size=size))
+    if marker.is_file() and marker.read_text() == params:
+        return name
+    marker.unlink(missing_ok=True)  # made with other parameters: regenerate, unmarked until complete
+    folder.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, list(POSITIONS).index(domain)])
     for split, first, count in (("train", 0, n_train), ("test", n_train, n_test)):
         files, captions = [f"{name}_{i:05d}.png" for i in range(first, first + count)], []
@@ -285,13 +265,10 @@ def make_demo(root, domain="remote", n_train=400, n_test=100, seed=0, size=64):
             scene = (domain, str(rng.choice(list(GROUNDS))), [None, "river", "lake"][rng.integers(3)],
                      bool(rng.integers(2)), str(rng.choice(list(COLOURS))), int(rng.integers(1, 5)),
                      str(rng.choice(POSITIONS[domain])))
-            _draw(*scene, size, rng).save(os.path.join(image_dir, file))
+            _draw(*scene, size, rng).save(image_dir / file)
             captions += _captions(*scene)
         repeat = 1 if split == "train" else 5  # precomp: test names repeat once per caption
-        with open(os.path.join(folder, f"{split}_filename.txt"), "w") as f:
-            f.write("".join(f"{file}\n" * repeat for file in files))
-        with open(os.path.join(folder, f"{split}_caps.txt"), "w") as f:
-            f.write("".join(f"{caption}\n" for caption in captions))
-    with open(marker, "w") as f:  # written last: an interrupted generation leaves no marker and is redone
-        json.dump(params, f)
+        (folder / f"{split}_filename.txt").write_text("".join(f"{file}\n" * repeat for file in files))
+        (folder / f"{split}_caps.txt").write_text("".join(f"{caption}\n" for caption in captions))
+    marker.write_text(params)  # written last: an interrupted generation leaves no marker and is redone
     return name

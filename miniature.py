@@ -57,27 +57,26 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
     fp32 model and the natural-domain test metrics of the saved (fp16) file."""
     root = root or data.DEMO_ROOT
     name = data.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
+    splits = [data.load_split(name, root, part) for part in ("train", "test")]
+    images, test_images = (data.cache_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
+    tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
+    per_epoch = len(images) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} training images")
     torch.manual_seed(seed)
     model = clip_min.CLIP(MINI_CONFIG).train()
-    res = MINI_CONFIG.image_resolution
-    train_split, test_split = (data.load_split(name, root, s) for s in ("train", "test"))
-    images = data.cache_images(train_split.image_paths, res, log_every=0)
-    tokens = clip_min.tokenize(train_split.captions, truncate=True)
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices, not gains or biases
     others = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0}],
                                   lr=lr, betas=(0.9, 0.98), eps=1e-6)
     generator, started = torch.Generator().manual_seed(seed), time.time()
-    per_epoch = len(images) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} training images")
     for step in range(steps):
         if step % per_epoch == 0:  # each epoch: every image once, each with one of its five captions at random
             order = torch.randperm(len(images), generator=generator)
             caption = torch.randint(5, (len(images),), generator=generator)
         idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
         text = tokens[idx * 5 + caption[idx]]
-        text = text[:, : int(text.argmax(dim=-1).max()) + 1]
+        text = text[:, : int(text.argmax(dim=-1).max()) + 1]  # up to the last end token, as train.py does
         for group in optimizer.param_groups:  # linear warm-up, then cosine decay to zero
             group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = losses.infonce(model.encode_image(data.normalise(images[idx])), model.encode_text(text),
@@ -92,11 +91,8 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
             eta = elapsed / (step + 1) * (steps - step - 1)
             print(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f} logit scale "
                   f"{model.logit_scale.exp().item():.1f} {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
-    model.eval()
-    save_openai_format(model, out)
+    save_openai_format(model.eval(), out)
     saved = clip_min.load(str(out))[0]  # score what was written, as train.py will read it
-    test_images = data.cache_images(test_split.image_paths, res, log_every=0)
-    test_tokens = clip_min.tokenize(test_split.captions, truncate=True)
     metrics = evaluate.retrieval_metrics(evaluate.similarity(saved, test_images, test_tokens, torch.device("cpu")))
     print(f"pretrained in {time.time() - started:.0f}s, saved to {out}")
     print(f"natural-domain test split: {evaluate.format_metrics(metrics)}")
@@ -126,8 +122,8 @@ def markdown(rows, total_params):
     for row in rows:
         cells = [f"{row['mean'][k]:.2f} ± {row['std'][k]:.2f}" for k in METRICS + ["seconds"]]
         share = f"{row['params']:,} ({100 * row['params'] / total_params:.2f}%)"
-        lines.append(f"| {row['name']} | {row['loss'] if row['method'] != 'zeroshot' else '-'} | {share} | "
-                     + " | ".join(cells) + " |")
+        loss = row["loss"] if row["method"] != "zeroshot" else "-"
+        lines.append(f"| {row['name']} | {loss} | {share} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,31 +139,29 @@ def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "min
         # backbone and takes the customary 10x smaller lr. Nothing is chosen on the test split.
         run_lr = lr / 10 if method == "full" else lr
         for seed in seeds:
-            out = os.path.join(out_root, f"{method}-{loss}-s{seed}")
-            shutil.rmtree(out, ignore_errors=True)
+            out, run_started = os.path.join(out_root, f"{method}-{loss}-s{seed}"), time.time()
+            shutil.rmtree(out, ignore_errors=True)  # a fresh folder: no file of an earlier run is left to mislead
             os.makedirs(out)
-            run_started = time.time()
             with open(os.path.join(out, "log.txt"), "w") as log, contextlib.redirect_stdout(log):
                 metrics = train.main(["--dataset", "demo", "--clip", clip, "--method", method, "--loss", loss,
                                       "--epochs", str(epochs), "--lr", str(run_lr), "--seed", str(seed), "--out", out])
-            if os.path.isfile(os.path.join(out, "last.pt")):  # only for resuming; full fine-tuning's is 100 MB
+            with contextlib.suppress(FileNotFoundError):  # last.pt only serves resuming; full fine-tuning's is 100 MB
                 os.remove(os.path.join(out, "last.pt"))
-            results.append(dict(method=method, loss=loss, name=name, seed=seed, params=params,
-                                seconds=time.time() - run_started, metrics=metrics))
-            print(f"{name} seed {seed}: mR {metrics['mR']:.2f} ({results[-1]['seconds']:.0f}s, log in {out})",
-                  flush=True)
+            seconds = time.time() - run_started
+            results.append(dict(method=method, loss=loss, name=name, seed=seed, params=params, seconds=seconds,
+                                metrics=metrics))
+            print(f"{name} seed {seed}: mR {metrics['mR']:.2f} ({seconds:.0f}s, log in {out})", flush=True)
     rows = summarise(results)
     ours = next(r for r in rows if (r["method"], r["loss"]) == ("mrs", "hmmc"))  # say plainly what beats it
     better = [f"{r['name']} ({r['mean']['mR'] - ours['mean']['mR']:+.2f} mR)" for r in rows
-              if r['mean']['mR'] > ours['mean']['mR']]
+              if r["mean"]["mR"] > ours["mean"]["mR"]]
     text = (f"Mini CLIP ({total_params:,} parameters) pretrained on the synthetic natural domain, transferred to the "
             f"synthetic remote sensing domain (demo test split). Mean ± std (ddof=1) over seeds {list(seeds)}; "
             f"{epochs} epochs, batch 16, lr {lr:g} (full fine-tuning {lr / 10:g}). Time/run includes evaluation.\n\n"
             + markdown(rows, total_params) + f"\nHigher mean mR than {ours['name']}: {', '.join(better) or 'none'}.\n")
-    with open(os.path.join(out_root, "table.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_root, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    with open(os.path.join(out_root, "table.md"), "w") as md, open(os.path.join(out_root, "results.json"), "w") as js:
+        md.write(text)
+        json.dump(results, js, indent=1)
     print("\n" + text + f"\nall runs took {time.time() - started:.0f}s on {os.cpu_count()} cores (load average "
           f"{os.getloadavg()[1]:.1f} over the last 5 min); written to {out_root}/table.md")
     return results
@@ -184,8 +178,5 @@ if __name__ == "__main__":
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
-    if args.command == "pretrain":
-        pretrain(args.out, steps=args.steps, seed=args.seed)
-    else:
-        table(args.seeds, args.epochs, args.lr)
+    args = vars(parser.parse_args())
+    (pretrain if args.pop("command") == "pretrain" else table)(**args)
