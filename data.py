@@ -175,22 +175,6 @@ def normalise(images):
     return (images.float() / 255 - mean) / std
 
 
-class CaptionPairs(torch.utils.data.Dataset):
-    """Every (image, caption) pair is one sample, all five per image, as in the released training code.
-    Yields (uint8 image [3, r, r], token ids [context], image index); normalise() the batch on the GPU."""
-
-    def __init__(self, images, captions, tokenizer):
-        if len(captions) != 5 * len(images):
-            raise ValueError(f"{len(captions)} captions for {len(images)} images: expected 5 per image")
-        self.images, self.tokens = images, tokenizer(list(captions))  # tokenised once, up front
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, j):
-        return self.images[j // 5], self.tokens[j], j // 5
-
-
 # Demo dataset: synthetic scenes whose captions say what is drawn, so that retrieval can be learnt in minutes.
 COLOURS = {"red": (200, 50, 40), "white": (235, 235, 230), "blue": (50, 80, 210), "yellow": (230, 200, 40)}
 GROUNDS = {"meadow": (70, 140, 60), "farmland": (150, 110, 60), "desert": (215, 190, 130)}

@@ -202,23 +202,6 @@ def test_cached_tensors_match_openai_preprocessing(tmp_path, capsys):
     assert torch.allclose(data.normalise(images), expected, atol=1e-6, rtol=0)
 
 
-def test_caption_pairs_dataset():
-    images = torch.arange(3 * 3 * 4 * 4, dtype=torch.uint8).view(3, 3, 4, 4)
-    captions = [f"c{j}" for j in range(15)]
-    calls = []
-
-    def tokenizer(texts):
-        calls.append(list(texts))
-        return torch.tensor([[int(t[1:])] for t in texts])
-    pairs = data.CaptionPairs(images, captions, tokenizer)
-    assert len(pairs) == 15 and calls == [captions]  # tokenised once, every caption a sample
-    for j in range(15):
-        image, tokens, index = pairs[j]
-        assert torch.equal(image, images[j // 5]) and tokens.tolist() == [j] and index == j // 5
-    with pytest.raises(ValueError, match="14 captions for 3 images"):
-        data.CaptionPairs(images, captions[:14], tokenizer)
-
-
 # ---------------------------------------------------------------- train / val split
 
 
