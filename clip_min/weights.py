@@ -1,7 +1,8 @@
 """OpenAI's CLIP checkpoints: download into a cache with a SHA-256 check, and read them without running their code.
 
-OpenAI's files are TorchScript archives. torch.jit.load would run code from the file and torch.load(weights_only=True)
-refuses them, so the archive's data.pkl is read here with an unpickler that can only rebuild tensors.
+OpenAI's files are TorchScript archives. TorchScript's own loader would run code from the file, and
+torch.load(weights_only=True) refuses them, so the archive's data.pkl is read here with an unpickler that can only
+rebuild tensors.
 """
 import collections
 import hashlib
