@@ -230,7 +230,7 @@ def main(argv=None):
                 terms = {k: v.item() for k, v in terms.items()}
                 elapsed = time.time() - started
                 rate = (step + 1) * args.batch_size / elapsed
-                eta = (steps - step - 1) * args.batch_size / rate
+                eta = ((steps - step - 1) + (args.epochs - epoch - 1) * steps) * args.batch_size / rate  # whole run
                 log(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} "
                     + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                     + f" lr {lr:.2e} {rate:.1f} pairs/s eta {eta:.0f}s")
