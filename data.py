@@ -110,9 +110,13 @@ def load_split(name, root, split):
     return result
 
 
-def dataset_location(name, root):
-    """The (name, root) to read `name` from: the demo is generated once into a cache, then read like RSITMD."""
-    return (make_demo(DEMO_ROOT), DEMO_ROOT) if name == "demo" else (name, root)
+def dataset_location(name, root=None):
+    """The (name, root) to read `name` from: the demo is generated once into `root` (default: the demo cache), then
+    read like RSITMD; any other dataset is read from `root` (default: data/)."""
+    if name == "demo":
+        root = root or DEMO_ROOT
+        return make_demo(root), root
+    return name, root or "data"
 
 
 def split_train_val(split, seed, val_fraction=0.2):

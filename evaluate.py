@@ -143,7 +143,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
     p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
     p.add_argument("--dataset", help="[the checkpoint's]")
-    p.add_argument("--data-root", help="[the checkpoint's, else data]")
+    p.add_argument("--data-root", help="[the checkpoint's, else data; demo: the demo cache]")
     p.add_argument("--clip", help="model name or checkpoint path of the backbone [the checkpoint's]")
     p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
     p.add_argument("--split", default="test", choices=["test"])
@@ -166,7 +166,7 @@ def main(argv=None):
     saved = state.get("args", {})
     dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     method = args.method or state["method"]
-    data_root = args.data_root or saved.get("data_root", "data")
+    data_root = args.data_root or saved.get("data_root")
     clip = args.clip or state.get("clip")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = args.amp or saved.get("amp") or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")

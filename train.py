@@ -26,7 +26,8 @@ import losses
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, or any <name> found in --data-root")
-    p.add_argument("--data-root", default="data", help="folder holding <name>_precomp/ or dataset_<name>.json")
+    p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
+                                        "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
     p.add_argument("--method", default="mrs", choices=adapter.METHODS)
     p.add_argument("--loss", default="hmmc", choices=losses.LOSSES)
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...) or checkpoint path [ViT-B/32; demo: "
@@ -191,7 +192,14 @@ def main(argv=None):
         set_rng_states(state["rng"])
         start_epoch, best_mr = state["epoch"] + 1, state["best_mR"]
         log(f"resumed from {last_path} after epoch {state['epoch'] + 1}")
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if rank == 0 else None
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if rank == 0 and args.resume and os.path.isfile(metrics_path):  # keep the lines of the epochs last.pt holds
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line).get("epoch", 1e9) <= start_epoch]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    metrics_file = open(metrics_path, "a" if args.resume else "w") if rank == 0 else None
 
     def record(entry):
         if metrics_file:
