@@ -12,6 +12,7 @@ import adapter
 import clip_min
 import data
 import evaluate
+import losses
 import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,3 +306,25 @@ def test_bad_arguments(world, tmp_path):
     with pytest.raises(SystemExit, match="--batch-size 256"):
         run(world, tmp_path / "huge", "--batch-size", "256", "--epochs", "1")
     assert not os.path.exists(tmp_path / "huge" / "best.pt")
+
+
+def test_compiled_encoder_matches_eager():
+    """--compile is output-preserving: the same four embeddings and the same adapter gradients as eager PyTorch
+    (eval mode, so that no dropout draws random numbers, which compiled code draws differently)."""
+    torch.manual_seed(0)
+    model = adapter.apply(clip_min.CLIP(MICRO), "mrs").eval()
+    for p in model.mrs_adapter.parameters():  # a non-zero adapter, so its gradients and outputs are not trivial
+        torch.nn.init.normal_(p, std=0.02)
+    images = torch.randn(4, 3, MICRO.image_resolution, MICRO.image_resolution)
+    tokens = clip_min.tokenize(["a red roof", "two ships in a harbour", "a road", "green fields near a river"])
+    tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+    results = []
+    for encoder in (train.ViewsEncoder(model), torch.compile(train.ViewsEncoder(model))):
+        model.zero_grad(set_to_none=True)
+        *views, _ = encoder(images, tokens)
+        losses.hmmc(*views)[0].backward()
+        results.append(([v.detach() for v in views], [p.grad.clone() for p in model.mrs_adapter.parameters()]))
+    (eager_views, eager_grads), (compiled_views, compiled_grads) = results
+    for a, b in zip(eager_views + eager_grads, compiled_views + compiled_grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
