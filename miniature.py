@@ -44,11 +44,13 @@ def save_openai_format(model, path):
     """OpenAI's file format: a traced TorchScript archive holding fp16 weights under OpenAI's names."""
     res, ctx = model.config.image_resolution, model.config.context_length
     example = (torch.zeros(1, 3, res, res), torch.zeros(1, ctx, dtype=torch.long))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about data-dependent indexing: only weights matter here
-        traced = torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False)  # .half() spares `model`
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.jit.save(traced.half(), str(path))
+    with warnings.catch_warnings():
+        # Tracer warnings about data-dependent indexing (only the weights matter here), and TorchScript's
+        # deprecation notice: OpenAI's files are TorchScript archives, so this format is the point.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False)  # .half() spares `model`
+        torch.jit.save(traced.half(), str(path))
 
 
 def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train=6000, n_test=200, seed=0,
