@@ -187,7 +187,8 @@ def measure(path, opts, batch):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
         amp, cut = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp), longest(test_tokens)
-        parts = {"train": lambda: train.train_step(encoder, optimizer, scaler, images, tokens, None, args),
+        host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
+        parts = {"train": lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args),
                  "encode": torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)(
                      lambda: (model.encode_image(test_images), model.encode_text(test_tokens[:, :cut])))}
     counts = {"train": ("pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),

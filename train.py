@@ -91,10 +91,13 @@ class ViewsEncoder(nn.Module):
 
 
 def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
-    """One optimisation step on a batch: clean + augmented views -> loss -> backward -> step. Returns the terms."""
+    """One optimisation step on a batch: clean + augmented views -> loss -> backward -> step. Returns the terms.
+    tokens may stay on the CPU: they are cut there and then moved to the images' device."""
     device_type = images.device.type
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # exact: causal mask, feature read at the end token
+    # Cut to the longest caption (exact: causal mask, feature read at the end token) while the tokens are still on
+    # the host, where reading the length costs no wait for the GPU.
+    tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1].to(images.device, non_blocking=True)
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         *views, logit_scale = encoder(images, tokens)
     # Negatives come from every process's batch (identity on a single process).
@@ -233,7 +236,7 @@ def main(argv=None):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size][rank * local_batch:(rank + 1) * local_batch]
             image_ids = idx // 5  # five captions per image, in image order
             images = data.normalise(train_images[image_ids.to(train_images.device)].to(device, non_blocking=True))
-            terms = train_step(encoder, optimizer, scaler, images, train_tokens[idx].to(device), image_ids.to(device), args)
+            terms = train_step(encoder, optimizer, scaler, images, train_tokens[idx], image_ids.to(device), args)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 terms = {k: v.item() for k, v in terms.items()}
                 elapsed = time.time() - started
