@@ -1,9 +1,14 @@
-"""Shared test helpers: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle, and its file format."""
+"""Shared test helpers: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle, and its file format; a micro
+world (dataset + CLIP) for the end-to-end tests of train.py and evaluate.py."""
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+import clip_min
+import data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
@@ -47,3 +52,30 @@ def save_openai_archive(model, path):
 @pytest.fixture
 def reference_factory():
     return reference_clip
+
+
+# Widths of 128: the MRS-Adapter's default bottleneck (64) must be narrower than the encoders.
+MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
+                            text_width=128, text_layers=1)
+
+
+def make_world(root):
+    """A 40 + 20 image dataset in the precomp layout and a random micro CLIP saved as a state_dict, under root."""
+    # The "natural" demo is named demo_natural: read from --data-root like any dataset (not from the demo cache).
+    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
+    torch.manual_seed(0)
+    clip = str(root / "clip.pt")
+    torch.save(clip_min.CLIP(MICRO).state_dict(), clip)
+    return SimpleNamespace(root=str(root), name=name, clip=clip)
+
+
+@pytest.fixture
+def exact_cpu(monkeypatch, tmp_path):
+    """One CPU thread (the same reduction order in every run, so bit-exact comparisons hold), the CPU also on a GPU
+    machine, and the demo cache in tmp_path (nothing may land in ~/.cache)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yield
+    torch.set_num_threads(threads)

@@ -10,45 +10,30 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_min
-import data
 import evaluate
 import train
+from conftest import MICRO, make_world
 
-MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
-                            text_width=128, text_layers=1)
 # OpenAI's published preprocessing constants.
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 NUMBERS = r"([\d.]+)/([\d.]+)/([\d.]+)"
 LAYOUT = re.compile(rf"i2t R@1/5/10 {NUMBERS} \| t2i R@1/5/10 {NUMBERS} \| mR ([\d.]+)")
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))  # nothing may land in ~/.cache
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU, also on a GPU machine: exact numbers
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("exact_cpu")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A dataset, a micro CLIP, and a two-epoch MRS-Adapter run on them."""
     root = tmp_path_factory.mktemp("trained")
-    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
-    torch.manual_seed(0)
-    clip = str(root / "clip.pt")
-    torch.save(clip_min.CLIP(MICRO).state_dict(), clip)
-    out = root / "run"
+    world = make_world(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:  # as one_thread does for each test
+    with pytest.MonkeyPatch.context() as patch:  # as exact_cpu does for each test
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        train.main(["--dataset", name, "--data-root", str(root), "--clip", clip, "--workers", "1", "--epochs", "2",
-                    "--batch-size", "8", "--lr", "1e-3", "--out", str(out)])
+        train.main(["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
+                    "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out", str(root / "run")])
     torch.set_num_threads(threads)
-    return SimpleNamespace(root=str(root), name=name, clip=clip, out=out)
+    return SimpleNamespace(**vars(world), out=root / "run")
 
 
 def printed_metrics(text):

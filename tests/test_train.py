@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,34 +13,16 @@ import data
 import evaluate
 import losses
 import train
+from conftest import MICRO, make_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Widths of 128: the MRS-Adapter's default bottleneck (64) must be narrower than the encoders.
-MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
-                            text_width=128, text_layers=1)
 STEPS_PER_EPOCH = 20  # 40 images -> 32 train images (80/20 split) -> 160 pairs -> 20 batches of 8
+pytestmark = pytest.mark.usefixtures("exact_cpu")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A 40 + 20 image dataset in the precomp layout and a random micro CLIP saved as a state_dict."""
-    root = tmp_path_factory.mktemp("world")
-    # The "natural" demo is named demo_natural: read from --data-root like any dataset (not from the demo cache).
-    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
-    torch.manual_seed(0)
-    clip = str(root / "clip.pt")
-    torch.save(clip_min.CLIP(MICRO).state_dict(), clip)
-    return SimpleNamespace(root=str(root), name=name, clip=clip)
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-exact comparisons need the same reduction order in every run
-    monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))  # nothing may land in ~/.cache
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU, also on a GPU machine: exact numbers
-    yield
-    torch.set_num_threads(threads)
+    return make_world(tmp_path_factory.mktemp("world"))
 
 
 def args_for(world, out, *extra):
