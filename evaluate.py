@@ -78,8 +78,8 @@ def similarity(model, images, tokens, device, amp="off", batch_size=128):
             batch = data.normalise(images[i:i + batch_size].to(device, non_blocking=True))
             image_features.append(F.normalize(model.encode_image(batch).float(), dim=-1))
         for i in range(0, len(tokens), batch_size):
-            batch = tokens[i:i + batch_size].to(device)
-            batch = batch[:, : int(batch.argmax(dim=-1).max()) + 1]  # exact: padding after the end token is unseen
+            batch = tokens[i:i + batch_size]
+            batch = batch[:, : int(batch.argmax(dim=-1).max()) + 1].to(device)  # exact: padding after the end is unseen
             text_features.append(F.normalize(model.encode_text(batch).float(), dim=-1))
     return torch.cat(image_features) @ torch.cat(text_features).t()
 
