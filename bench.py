@@ -7,8 +7,8 @@ Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
 them: blocks one by one in [L, B, D] through nn.MultiheadAttention, the MRS-Adapter in fp32 beside each MLP, four
 encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone frozen, HMMC, Adam. Both paths hold the same
-weights, and their clean embeddings are compared before anything is timed. Each path runs in a fresh process, so
-that the peak memory it reports is its own (Linux).
+weights, and their clean embeddings are compared before anything is timed. Each path and part runs in a fresh
+process, so that the peak memory it reports is its own (Linux).
 """
 import argparse
 import copy
@@ -29,6 +29,7 @@ from PIL import Image
 import adapter
 import clip_min
 import data
+import evaluate
 import losses
 import train
 
@@ -166,10 +167,12 @@ def peak_mb(device):
     return peak
 
 
-def measure(path, opts, batch):
-    """Time one path at one batch size: training steps, then encoding a test set (five captions per image)."""
+def measure(path, part, opts, batch):
+    """Time one path at one batch size: training steps or encoding a test set (five captions per image)."""
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
+    if device.type == "cpu":
+        evaluate.keep_freed_memory()  # as train.py does, here for both paths: the allocator is the process's
     model = build_ours(config, opts.method).to(device)
     images, tokens = inputs(config, batch, device)
     test_images, test_tokens = inputs(config, opts.test_images, device, seed=1)
@@ -194,21 +197,23 @@ def measure(path, opts, batch):
     counts = {"train": ("pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
               "encode": ("images_per_s", len(test_images),
                          useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))}
-    result = {}
-    for part in parts if optimizer else ["encode"]:
-        (unit, items, flops), fn = counts[part], parts[part]
-        model.train(part == "train")
-        peak_mb(device)
-        with torch.inference_mode(part == "encode"):
-            seconds = timed(fn, opts.warmup, opts.iters, device)
-        result[part] = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
-                        "peak_mb": peak_mb(device)}
-    return result
+    if part == "train" and optimizer is None:
+        return None
+    (unit, items, flops), fn = counts[part], parts[part]
+    model.train(part == "train")
+    peak_mb(device)
+    with torch.inference_mode(part == "encode"):
+        seconds = timed(fn, opts.warmup, opts.iters, device)
+    return {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9, "peak_mb": peak_mb(device)}
 
 
 def run(path, opts, batch):
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak memory
-        return pool.submit(measure, path, opts, batch).result()
+    """Each part in a fresh process, so that the peak memory it reports is its own."""
+    result = {}
+    for part in ("train", "encode"):
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            result[part] = pool.submit(measure, path, part, opts, batch).result()
+    return {part: r for part, r in result.items() if r is not None}
 
 
 def input_pipeline(device, batch, n_files=48):

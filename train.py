@@ -153,6 +153,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+        evaluate.keep_freed_memory()
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if args.batch_size % world:
