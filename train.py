@@ -4,11 +4,12 @@
     python train.py --dataset demo                             # a small synthetic run on the CPU
     torchrun --nproc_per_node=4 train.py --dataset rsicd       # several GPUs (DDP)
 
-Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable),
-best.pt (the epoch with the best validation mR; the test set never chooses anything), test.json.
+Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
+each epoch's end and every --save-every steps), best.pt (the epoch with the best validation mR; the test set never chooses anything), test.json.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--save-every", type=int, default=200, help="steps between mid-epoch saves of last.pt (0: epoch "
+                                                                "ends only); an interrupted run loses at most these")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 6 if args.dataset == "demo" else 30
@@ -54,8 +57,8 @@ def parse_args(argv=None):
         args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
-    if args.batch_size < 1 or args.epochs < 1:
-        p.error("--batch-size and --epochs must be positive")
+    if args.batch_size < 1 or args.epochs < 1 or args.log_every < 1 or args.save_every < 0:
+        p.error("--batch-size, --epochs and --log-every must be positive, --save-every >= 0")
     return args
 
 
@@ -123,8 +126,13 @@ def save_atomically(obj, path):
 
 
 def rng_states():
-    """The generators training draws from (dropout); the batch order is derived from (seed, epoch) instead."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every process's generators that training draws from (dropout); the batch order comes from (seed, epoch)."""
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def set_rng_states(states):
@@ -185,21 +193,29 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    start_epoch, best_mr = 0, -1.0
+    start_epoch, start_step, best_mr = 0, 0, -1.0
+    steps = len(train_tokens) // args.batch_size
     if args.resume:
         if not os.path.isfile(last_path):
             raise SystemExit(f"--resume: no checkpoint at {last_path}")
         state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if len(state["rng"]) != world:
+            raise SystemExit(f"{last_path} was written by {len(state['rng'])} processes: resume it with as many")
         adapter.load_trainable(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
-        start_epoch, best_mr = state["epoch"] + 1, state["best_mR"]
-        log(f"resumed from {last_path} after epoch {state['epoch'] + 1}")
+        set_rng_states(state["rng"][rank])
+        start_epoch, start_step, best_mr = state["epoch"], state["step"], state["best_mR"]
+        if start_step == steps:  # a finished epoch, validation included
+            start_epoch, start_step = start_epoch + 1, 0
+        log(f"resumed from {last_path} at epoch {start_epoch + 1}, step {start_step}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0 and args.resume and os.path.isfile(metrics_path):  # keep the lines of the epochs last.pt holds
+    if rank == 0 and args.resume and os.path.isfile(metrics_path):  # keep the lines of the steps last.pt holds
+        def logged_at(entry):  # (epoch counted from 1, step); a validation line follows its epoch's steps
+            return entry.get("epoch", math.inf), entry.get("step", math.inf)
         with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line).get("epoch", 1e9) <= start_epoch]
+            kept = [line for line in f if line.endswith("\n") and logged_at(json.loads(line)) <= (start_epoch + 1,
+                                                                                                     start_step)]
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
@@ -210,11 +226,22 @@ def main(argv=None):
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
 
+    def save(epoch, step, improved=False):
+        """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
+        rngs = rng_states()  # every process takes part: each one's generators are gathered
+        if rank == 0:
+            state = {"trainable": adapter.trainable_state_dict(model), "method": args.method, "clip": args.clip,
+                     "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": best_mr, "args": vars(args)}
+            if improved:
+                save_atomically(state, best_path)
+            save_atomically({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "rng": rngs}, last_path)
+
     def score(split):
         images, tokens = splits[split]
         return evaluate.retrieval_metrics(evaluate.similarity(model, images, tokens, device, args.amp))
 
-    if start_epoch == 0:  # the starting point, so that every later number has something to be compared with
+    if not args.resume:  # the starting point, so that every later number has something to be compared with
         for split in ("val", "test"):
             m = score(split)
             log(f"before training: {split} {evaluate.format_metrics(m)}")
@@ -222,7 +249,6 @@ def main(argv=None):
     if optimizer is None:  # zero-shot: the frozen model is the result
         return write_test(args, score("test"), log, record) if rank == 0 else None
 
-    steps = len(train_tokens) // args.batch_size
     if steps == 0:  # else no step runs and the untrained model is saved and reported as trained
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
     for epoch in range(start_epoch, args.epochs):
@@ -232,8 +258,8 @@ def main(argv=None):
         model.train()
         # The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
         order = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        started = time.time()
-        for step in range(steps):
+        started, first = time.time(), start_step if epoch == start_epoch else 0
+        for step in range(first, steps):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size][rank * local_batch:(rank + 1) * local_batch]
             image_ids = idx // 5  # five captions per image, in image order
             images = data.normalise(train_images[image_ids.to(train_images.device)].to(device, non_blocking=True))
@@ -241,25 +267,21 @@ def main(argv=None):
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 terms = {k: v.item() for k, v in terms.items()}
                 elapsed = time.time() - started
-                rate = (step + 1) * args.batch_size / elapsed
+                rate = (step + 1 - first) * args.batch_size / elapsed
                 eta = ((steps - step - 1) + (args.epochs - epoch - 1) * steps) * args.batch_size / rate  # whole run
                 log(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} "
                     + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                     + f" lr {lr:.2e} {rate:.1f} pairs/s eta {eta:.0f}s")
                 record({"epoch": epoch + 1, "step": step + 1, "lr": lr, "pairs_per_s": rate, **terms})
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                save(epoch, step + 1)
         model.eval()
         m = score("val")
         improved = m["mR"] > best_mr
         best_mr = max(best_mr, m["mR"])
         log(f"epoch {epoch + 1} val {evaluate.format_metrics(m)}" + (" (best)" if improved else ""))
         record({"epoch": epoch + 1, "split": "val", **m})
-        if rank == 0:
-            state = {"trainable": adapter.trainable_state_dict(model), "method": args.method, "clip": args.clip,
-                     "dataset": args.dataset, "epoch": epoch, "best_mR": best_mr, "args": vars(args)}
-            if improved:
-                save_atomically(state, best_path)
-            save_atomically({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "rng": rng_states()}, last_path)
+        save(epoch, steps, improved)
 
     if rank == 0:  # the test set is scored once, with the checkpoint validation chose
         adapter.load_trainable(model, torch.load(best_path, map_location="cpu", weights_only=True)["trainable"])

@@ -135,24 +135,29 @@ def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monke
     assert result == evaluate.retrieval_metrics(sim)
 
 
-def test_resume_is_exact(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_every, interrupt_at, saved_at", [(0, 3, (0, 20)), (5, 13, (1, 10))],
+                         ids=["epoch-end", "mid-epoch"])
+def test_resume_is_exact(world, tmp_path, monkeypatch, save_every, interrupt_at, saved_at):
+    """A run interrupted in its second epoch and resumed from last.pt ends exactly as an uninterrupted run."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(world, straight, "--epochs", "3", "--log-every", "1")
+    options = ("--epochs", "3", "--log-every", "1", "--save-every", str(save_every))
+    run(world, straight, *options)
 
     real_step, calls = train.train_step, []
 
     def interrupted(*a, **k):
         calls.append(1)
-        if len(calls) > STEPS_PER_EPOCH + 3:  # a few steps into the second epoch
+        if len(calls) > STEPS_PER_EPOCH + interrupt_at:
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
     monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(world, broken, "--epochs", "3", "--log-every", "1")
+        run(world, broken, *options)
     monkeypatch.setattr(train, "train_step", real_step)
-    assert torch.load(broken / "last.pt", weights_only=True)["epoch"] == 0  # only the first epoch was saved
-    run(world, broken, "--epochs", "3", "--log-every", "1", "--resume")
+    saved = torch.load(broken / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == saved_at  # (0, 20): the first epoch; (1, 10): 10 steps of the second
+    run(world, broken, *options, "--resume")
 
     a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(broken / "last.pt", map_location="cpu", weights_only=True)
@@ -164,7 +169,7 @@ def test_resume_is_exact(world, tmp_path, monkeypatch):
     for k, v in trainable(straight / "best.pt").items():
         assert torch.equal(v, trainable(broken / "best.pt")[k])
     assert json.loads((straight / "test.json").read_text()) == json.loads((broken / "test.json").read_text())
-    # The resumed log reads as the uninterrupted one: the lines of the epoch cut short are gone, none repeats.
+    # The resumed log reads as the uninterrupted one: the lines of the steps cut short are gone, none repeats.
     def without_speed(run_dir):
         return [{k: v for k, v in e.items() if k != "pairs_per_s"} for e in read_metrics(run_dir)]
     assert without_speed(broken) == without_speed(straight)
@@ -249,6 +254,8 @@ def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
     assert proc.stdout.count("before training: val") == 1  # only rank 0 logs
     assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
     assert [e["epoch"] for e in read_metrics(ddp) if e.get("split") == "val"] == [0, 1]  # only rank 0 records
+    rng = torch.load(ddp / "last.pt", weights_only=True)["rng"]  # each process's own dropout stream, to resume it
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
     monkeypatch.setattr(torch.optim, "Adam", torch.optim.SGD)
     run(world, tmp_path / "single", *extra)
@@ -274,7 +281,7 @@ def test_learning_rate_defaults(monkeypatch):
 
 
 def test_bad_arguments(world, tmp_path):
-    for bad in (["--batch-size", "0"], ["--epochs", "0"]):
+    for bad in (["--batch-size", "0"], ["--epochs", "0"], ["--log-every", "0"], ["--save-every", "-1"]):
         with pytest.raises(SystemExit):
             run(world, tmp_path / "bad", *bad)
     with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
@@ -287,6 +294,12 @@ def test_bad_arguments(world, tmp_path):
     with pytest.raises(SystemExit, match="--batch-size 256"):
         run(world, tmp_path / "huge", "--batch-size", "256", "--epochs", "1")
     assert not os.path.exists(tmp_path / "huge" / "best.pt")
+    # Each process resumes its own dropout stream, so a run resumes only with the number of processes it had.
+    run(world, tmp_path / "one", "--epochs", "1")
+    state = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    torch.save({**state, "rng": state["rng"] * 2}, tmp_path / "one" / "last.pt")
+    with pytest.raises(SystemExit, match="written by 2 processes"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume")
 
 
 def test_compiled_encoder_matches_eager():
