@@ -154,6 +154,12 @@ def timed(fn, warmup, iters, device):
     return (time.perf_counter() - start) / iters
 
 
+def matmul_gflops():
+    """The CPU's own fp32 rate, on a product about the size of our layers' products: the yardstick of `eff`."""
+    a = torch.randn(2048, 2048)
+    return 2 * 2048 ** 3 / timed(lambda: a @ a, 1, 3, torch.device("cpu")) / 1e9
+
+
 def peak_mb(device):
     """Peak memory since the previous call, then reset: allocated on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
@@ -201,10 +207,16 @@ def measure(path, part, opts, batch):
         return None
     (unit, items, flops), fn = counts[part], parts[part]
     model.train(part == "train")
+    # A shared machine's speed drifts between minutes: the CPU's matmul rate is measured around each timing.
+    before = matmul_gflops() if device.type == "cpu" else None
     peak_mb(device)
     with torch.inference_mode(part == "encode"):
         seconds = timed(fn, opts.warmup, opts.iters, device)
-    return {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9, "peak_mb": peak_mb(device)}
+    result = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
+              "peak_mb": peak_mb(device)}
+    if before:
+        result["matmul_gflops"] = (before + matmul_gflops()) / 2
+    return result
 
 
 def run(path, opts, batch):
@@ -266,13 +278,10 @@ def main(argv=None):
         name = torch.cuda.get_device_name(device)
         peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
         report.update(gpu=name, peak_tflops=peak)
-        flop_rate = peak and peak * 1e3
         say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
-    else:  # eff: against the machine's own fp32 rate, on a product about the size of our layers' products
-        a = torch.randn(2048, 2048)
-        flop_rate = report["matmul_gflops"] = 2 * 2048 ** 3 / timed(lambda: a @ a, 1, 3, device) / 1e9
-        say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}: an fp32 2048^3 matmul runs at "
-            f"{flop_rate:.1f} GFLOP/s; eff below: useful FLOP rate / it")
+    else:
+        say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}; eff below: useful FLOP rate / "
+            "the fp32 rate of a 2048^3 matmul measured just before and after that line's timing (mm GFLOP/s)")
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up + {opts.iters} timed steps\n{FLOPS_NOTE}")
     baseline = opts.method == "mrs" and not opts.skip_baseline  # the released code has the MRS-Adapter only
@@ -287,20 +296,28 @@ def main(argv=None):
     report["input"] = input_pipeline(device, max(opts.batch_sizes))
     say("input: decode + resize files (data.cache_images) {decode_images_per_s:.0f} images/s; per batch from the "
         "uint8 cache (index + data.normalise) {batch_images_per_s:.0f} images/s".format(**report["input"]))
-    say("batch     path   part | pairs/s (train), images/s (encode)   s/iter  GFLOP/s   eff  peak MB")
+    say("batch     path   part | pairs/s (train), images/s (encode)   s/iter  GFLOP/s   eff  peak MB  mm GFLOP/s")
     for batch in opts.batch_sizes:
         row = report["results"][str(batch)] = {p: run(p, opts, batch) for p in paths}
         for path, parts in row.items():
             for part, r in parts.items():
+                flop_rate = r.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3
                 r["efficiency"] = r["useful_gflops"] / flop_rate if flop_rate else None
                 say(f"{batch:5} {path:>8} {part:>6} | {r.get('pairs_per_s') or r['images_per_s']:34.2f} "
-                    f"{r['seconds']:8.3f} {r['useful_gflops']:8.1f} {r['efficiency'] or 0:5.0%} {r['peak_mb']:8.0f}")
+                    f"{r['seconds']:8.3f} {r['useful_gflops']:8.1f} {r['efficiency'] or 0:5.0%} {r['peak_mb']:8.0f}"
+                    + (f" {r['matmul_gflops']:11.1f}" if "matmul_gflops" in r else ""))
         if baseline:
             ours, released = row["ours"], row["released"]
             row["speedup"] = {part: released[part]["seconds"] / ours[part]["seconds"] for part in ours}
             row["train_memory_ratio"] = ours["train"]["peak_mb"] / released["train"]["peak_mb"]
             say(f"{batch:5} ours / released: speed: training {row['speedup']['train']:.2f}x, encoding "
                 f"{row['speedup']['encode']:.2f}x; training peak memory {row['train_memory_ratio']:.2f}x")
+            if device.type == "cpu":  # the same ratio had both lines met the same machine speed
+                row["speedup_at_equal_matmul_rate"] = {
+                    part: ours[part]["efficiency"] / released[part]["efficiency"] for part in ours}
+                say(f"{batch:5} at equal matmul rate (ratio of eff): training "
+                    f"{row['speedup_at_equal_matmul_rate']['train']:.2f}x, encoding "
+                    f"{row['speedup_at_equal_matmul_rate']['encode']:.2f}x")
     if opts.json:
         print(json.dumps(report))
     return report
