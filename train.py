@@ -201,6 +201,10 @@ def main(argv=None):
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if len(state["rng"]) != world:
             raise SystemExit(f"{last_path} was written by {len(state['rng'])} processes: resume it with as many")
+        changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in
+                   ("dataset", "method", "loss", "clip", "batch_size", "seed") if state["args"][k] != getattr(args, k)]
+        if changed:  # the batches, the model or the objective would not be the interrupted run's
+            raise SystemExit(f"--resume with other settings than {last_path}: {', '.join(changed)}")
         adapter.load_trainable(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -211,13 +215,13 @@ def main(argv=None):
         log(f"resumed from {last_path} at epoch {start_epoch + 1}, step {start_step}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and args.resume and os.path.isfile(metrics_path):  # keep the lines of the steps last.pt holds
-        def logged_at(entry):  # (epoch counted from 1, step); a validation line follows its epoch's steps
-            return entry.get("epoch", math.inf), entry.get("step", math.inf)
         with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and logged_at(json.loads(line)) <= (start_epoch + 1,
-                                                                                                     start_step)]
+            entries = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut short is dropped
+        # Log positions are (epoch counted from 1, step); a validation line, without step, follows its epoch's steps.
+        kept = [e for e in entries if (e.get("epoch", math.inf), e.get("step", math.inf)) <= (start_epoch + 1,
+                                                                                               start_step)]
         with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(e) + "\n" for e in kept)
         os.replace(metrics_path + ".tmp", metrics_path)
     metrics_file = open(metrics_path, "a" if args.resume else "w") if rank == 0 else None
 

@@ -300,6 +300,9 @@ def test_bad_arguments(world, tmp_path):
     torch.save({**state, "rng": state["rng"] * 2}, tmp_path / "one" / "last.pt")
     with pytest.raises(SystemExit, match="written by 2 processes"):
         run(world, tmp_path / "one", "--epochs", "2", "--resume")
+    torch.save(state, tmp_path / "one" / "last.pt")
+    with pytest.raises(SystemExit, match="other settings .* --batch-size 8 -> 4, --seed 2 -> 3"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume", "--batch-size", "4", "--seed", "3")
 
 
 def test_compiled_encoder_matches_eager():
