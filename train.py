@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -296,4 +297,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # last.pt holds the last save: nothing before it is lost
+        print("\ninterrupted: run the same command with --resume to continue from the last save", file=sys.stderr)
+        sys.exit(130)

@@ -1,8 +1,10 @@
 """End-to-end tests of train.py's command line on a micro CLIP and a small generated dataset (CPU)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -325,3 +327,20 @@ def test_compiled_encoder_matches_eager():
     for a, b in zip(eager_views + eager_grads, compiled_views + compiled_grads):
         assert a.abs().max() > 0
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+def test_ctrl_c_says_how_to_resume(world, tmp_path):
+    """Ctrl-C (SIGINT) during training: exit status 130, a line on how to continue, and last.pt already on disk."""
+    out = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args_for(world, out, "--epochs", "50",
+                                                                                        "--save-every", "1")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "run the same command with --resume" in stderr and "Traceback" not in stderr
+    assert torch.load(out / "last.pt", weights_only=True)["step"] >= 1
