@@ -1,4 +1,5 @@
-"""Image-text retrieval evaluation: the recall protocol, encoding a split, and the command line.
+"""Image-text retrieval evaluation: the recall protocol, encoding a split, the command line (and the CPU allocator
+setting that it and train.py share).
 
     python evaluate.py                                   # best checkpoint of the latest run, on its test split
     python evaluate.py --method zeroshot --dataset rsitmd --data-root data   # frozen CLIP
