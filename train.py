@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 train.py --dataset rsicd       # several GPUs (DDP)
 
 Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
-each epoch's end and every --save-every steps), best.pt (the epoch with the best validation mR; the test set never chooses anything), test.json.
+each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never chooses anything), test.json.
 """
 import argparse
 import json
@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--save-every", type=int, default=200, help="steps between mid-epoch saves of last.pt (0: epoch "
-                                                                "ends only); an interrupted run loses at most these")
+    p.add_argument("--save-minutes", type=float, default=10, help="mid-epoch saves of last.pt: at the first progress "
+                   "line this many minutes after the last save (0: at every progress line)")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 6 if args.dataset == "demo" else 30
@@ -58,8 +58,8 @@ def parse_args(argv=None):
         args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
-    if args.batch_size < 1 or args.epochs < 1 or args.log_every < 1 or args.save_every < 0:
-        p.error("--batch-size, --epochs and --log-every must be positive, --save-every >= 0")
+    if args.batch_size < 1 or args.epochs < 1 or args.log_every < 1 or args.save_minutes < 0:
+        p.error("--batch-size, --epochs and --log-every must be positive, --save-minutes >= 0")
     return args
 
 
@@ -256,6 +256,7 @@ def main(argv=None):
 
     if steps == 0:  # else no step runs and the untrained model is saved and reported as trained
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
+    saved_at = time.time()
     for epoch in range(start_epoch, args.epochs):
         lr = args.lr * (0.7 if epoch >= args.lr_decay_epoch else 1.0)
         for group in optimizer.param_groups:
@@ -278,8 +279,13 @@ def main(argv=None):
                     + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                     + f" lr {lr:.2e} {rate:.1f} pairs/s eta {eta:.0f}s")
                 record({"epoch": epoch + 1, "step": step + 1, "lr": lr, "pairs_per_s": rate, **terms})
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-                save(epoch, step + 1)
+                # A mid-epoch save once --save-minutes have passed: rank 0's clock decides for every process.
+                due = [step + 1 < steps and time.time() - saved_at >= 60 * args.save_minutes]
+                if distributed:
+                    dist.broadcast_object_list(due, src=0)
+                if due[0]:
+                    save(epoch, step + 1)
+                    saved_at = time.time()
         model.eval()
         m = score("val")
         improved = m["mR"] > best_mr
@@ -287,6 +293,7 @@ def main(argv=None):
         log(f"epoch {epoch + 1} val {evaluate.format_metrics(m)}" + (" (best)" if improved else ""))
         record({"epoch": epoch + 1, "split": "val", **m})
         save(epoch, steps, improved)
+        saved_at = time.time()
 
     if rank == 0:  # the test set is scored once, with the checkpoint validation chose
         adapter.load_trainable(model, torch.load(best_path, map_location="cpu", weights_only=True)["trainable"])

@@ -137,12 +137,12 @@ def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monke
     assert result == evaluate.retrieval_metrics(sim)
 
 
-@pytest.mark.parametrize("save_every, interrupt_at, saved_at", [(0, 3, (0, 20)), (5, 13, (1, 10))],
+@pytest.mark.parametrize("save_minutes, interrupt_at, saved_at", [(1e3, 3, (0, 20)), (0, 13, (1, 13))],
                          ids=["epoch-end", "mid-epoch"])
-def test_resume_is_exact(world, tmp_path, monkeypatch, save_every, interrupt_at, saved_at):
+def test_resume_is_exact(world, tmp_path, monkeypatch, save_minutes, interrupt_at, saved_at):
     """A run interrupted in its second epoch and resumed from last.pt ends exactly as an uninterrupted run."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    options = ("--epochs", "3", "--log-every", "1", "--save-every", str(save_every))
+    options = ("--epochs", "3", "--log-every", "1", "--save-minutes", str(save_minutes))
     run(world, straight, *options)
 
     real_step, calls = train.train_step, []
@@ -158,7 +158,7 @@ def test_resume_is_exact(world, tmp_path, monkeypatch, save_every, interrupt_at,
         run(world, broken, *options)
     monkeypatch.setattr(train, "train_step", real_step)
     saved = torch.load(broken / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == saved_at  # (0, 20): the first epoch; (1, 10): 10 steps of the second
+    assert (saved["epoch"], saved["step"]) == saved_at  # (0, 20): the first epoch; (1, 13): 13 steps of the second
     run(world, broken, *options, "--resume")
 
     a = torch.load(straight / "last.pt", map_location="cpu", weights_only=True)
@@ -283,7 +283,7 @@ def test_learning_rate_defaults(monkeypatch):
 
 
 def test_bad_arguments(world, tmp_path):
-    for bad in (["--batch-size", "0"], ["--epochs", "0"], ["--log-every", "0"], ["--save-every", "-1"]):
+    for bad in (["--batch-size", "0"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"]):
         with pytest.raises(SystemExit):
             run(world, tmp_path / "bad", *bad)
     with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
@@ -333,8 +333,8 @@ def test_ctrl_c_says_how_to_resume(world, tmp_path):
     """Ctrl-C (SIGINT) during training: exit status 130, a line on how to continue, and last.pt already on disk."""
     out = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args_for(world, out, "--epochs", "50",
-                                                                                        "--save-every", "1")],
+    command = args_for(world, out, "--epochs", "50", "--save-minutes", "0", "--log-every", "1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *command],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
