@@ -344,3 +344,38 @@ def test_ctrl_c_says_how_to_resume(world, tmp_path):
     assert proc.returncode == 130, stderr[-2000:]
     assert "run the same command with --resume" in stderr and "Traceback" not in stderr
     assert torch.load(out / "last.pt", weights_only=True)["step"] >= 1
+
+
+def test_two_processes_resume_exactly(world, tmp_path):
+    """DDP (gloo), MRS-Adapter + HMMC (dropout matters): interrupted mid-epoch and resumed with torchrun, each process
+    continues its own dropout stream, so the run ends with the weights of an uninterrupted two-process run."""
+    driver = tmp_path / "interruptible_train.py"  # train.py as __main__; with STOP_AT, every process stops there
+    driver.write_text("import os, runpy, sys, losses\n"
+                      "real, calls = losses.compute, []\n"
+                      "def compute(*a, **k):\n"
+                      "    calls.append(1)\n"
+                      "    if len(calls) == int(os.environ.get('STOP_AT', 0)):\n"
+                      "        raise KeyboardInterrupt\n"
+                      "    return real(*a, **k)\n"
+                      "losses.compute = compute\n"
+                      f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+    def torchrun(out, *extra, stop_at=0):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
+               "STOP_AT": str(stop_at)}
+        command = args_for(world, out, "--epochs", "2", "--log-every", "1", "--save-minutes", "0", *extra)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(driver), *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert torchrun(straight).returncode == 0
+    assert torchrun(broken, stop_at=STEPS_PER_EPOCH + 8).returncode != 0  # both processes stop in the second epoch
+    saved = torch.load(broken / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 7)
+    proc = torchrun(broken, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = trainable(straight / "last.pt"), trainable(broken / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
