@@ -225,7 +225,7 @@ def run(path, opts, batch):
     for part in ("train", "encode"):
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             result[part] = pool.submit(measure, path, part, opts, batch).result()
-    return {part: r for part, r in result.items() if r is not None}
+    return {part: r for part, r in result.items() if r is not None}  # zero-shot has no training part
 
 
 def input_pipeline(device, batch, n_files=48):

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=4 train.py --dataset rsicd       # several GPUs (DDP)
 
 Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
-each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never chooses anything), test.json.
+each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never
+chooses anything), test.json.
 """
 import argparse
 import json
