@@ -7,8 +7,9 @@ Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
 them: blocks one by one in [L, B, D] through nn.MultiheadAttention, the MRS-Adapter in fp32 beside each MLP, four
 encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone frozen, HMMC, Adam. Both paths hold the same
-weights, and their clean embeddings are compared before anything is timed. Each path and part runs in a fresh
-process, so that the peak memory it reports is its own (Linux).
+weights, and their clean embeddings are compared before anything is timed. Each path and part runs in its own
+process, so that the peak memory it reports is its own (Linux); the paths take turns, round by round, so that each
+round's ratio compares timings taken seconds apart (a shared machine's speed drifts).
 """
 import argparse
 import copy
@@ -17,7 +18,6 @@ import os
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import numpy as np
@@ -173,8 +173,8 @@ def peak_mb(device):
     return peak
 
 
-def measure(path, part, opts, batch):
-    """Time one path at one batch size: training steps or encoding a test set (five captions per image)."""
+def prepare(path, opts, batch):
+    """One path at one batch size: {part: (step function, unit, items per step, useful FLOPs per step)}."""
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     if device.type == "cpu":
@@ -186,8 +186,8 @@ def measure(path, part, opts, batch):
     if path == "released":
         model = ReleasedPath(model, fp16=device.type == "cuda")
         optimizer = torch.optim.Adam(model.adapter.parameters(), lr=2e-4)
-        parts = {"train": lambda: model.step(optimizer, images, tokens),
-                 "encode": lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))}
+        train_fn = lambda: model.step(optimizer, images, tokens)  # noqa: E731
+        encode_fn = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
     else:
         encoder = train.ViewsEncoder(model)
         encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
@@ -197,35 +197,84 @@ def measure(path, part, opts, batch):
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
         amp, cut = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp), longest(test_tokens)
         host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
-        parts = {"train": lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args),
-                 "encode": torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)(
-                     lambda: (model.encode_image(test_images), model.encode_text(test_tokens[:, :cut])))}
-    counts = {"train": ("pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True)),
-              "encode": ("images_per_s", len(test_images),
-                         useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))}
-    if part == "train" and optimizer is None:
-        return None
-    (unit, items, flops), fn = counts[part], parts[part]
-    model.train(part == "train")
-    # A shared machine's speed drifts between minutes: the CPU's matmul rate is measured around each timing.
-    before = matmul_gflops() if device.type == "cpu" else None
-    peak_mb(device)
-    with torch.inference_mode(part == "encode"):
-        seconds = timed(fn, opts.warmup, opts.iters, device)
-    result = {"seconds": seconds, unit: items / seconds, "useful_gflops": flops / seconds / 1e9,
-              "peak_mb": peak_mb(device)}
-    if before:
-        result["matmul_gflops"] = max(before, matmul_gflops())  # what the machine showed it can do
+        train_fn = lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args)  # noqa: E731
+        encode_fn = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)(
+            lambda: (model.encode_image(test_images), model.encode_text(test_tokens[:, :cut])))
+    parts = {"encode": (encode_fn, "images_per_s", len(test_images),
+                        useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))}
+    if optimizer is not None:
+        parts["train"] = (train_fn, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True))
+    return model, parts
+
+
+def serve(conn, path, opts, batch):
+    """A worker process holding one path: for each part, warm up, then time it each time the parent asks.
+
+    Encoding first: its peak memory is read before training's larger one (the allocator keeps freed memory).
+    """
+    device = torch.device(opts.device)
+    model, parts = prepare(path, opts, batch)
+    conn.send(list(parts))
+    for part, (fn, unit, items, flops) in parts.items():
+        model.train(part == "train")
+        peak_mb(device)
+        with torch.inference_mode(part == "encode"):
+            for _ in range(opts.warmup):
+                fn()
+            conn.send(None)  # warm
+            times = []
+            while conn.recv():
+                times.append(timed(fn, 0, opts.iters, device))
+                conn.send(None)
+        conn.send({"times": times, "unit": unit, "items": items, "flops": flops, "peak_mb": peak_mb(device)})
+
+
+def run(paths, opts, batch):
+    """Time every part of every path, each path in its own process, the paths taking turns round by round.
+
+    Turns make the paths' timings neighbours in time, so a round's ratio reads the machine at one speed. On
+    the CPU, whose speed drifts on a shared machine, its fp32 matmul rate is probed between turns.
+    """
+    context, workers = get_context("spawn"), {}
+    for path in paths:
+        conn, child = context.Pipe()
+        process = context.Process(target=serve, args=(child, path, opts, batch), daemon=True)
+        process.start()
+        workers[path] = (process, conn)
+    cpu = opts.device == "cpu"
+    try:
+        parts = {path: conn.recv() for path, (_, conn) in workers.items()}
+        results = {path: {} for path in paths}
+        for part in parts[paths[0]]:  # encode, train (zero-shot trains nothing, and then runs alone)
+            for _, conn in workers.values():
+                conn.recv()  # warm
+            probes = [matmul_gflops()] if cpu else []
+            for _ in range(opts.rounds):
+                for path in paths:
+                    workers[path][1].send(True)
+                    workers[path][1].recv()
+                    probes += [matmul_gflops()] if cpu else []
+            for path, (_, conn) in workers.items():
+                conn.send(False)
+                results[path][part] = summary(conn.recv(), probes[paths.index(path):], len(paths))
+        return results
+    except EOFError:
+        raise SystemExit("a benchmark worker process died (its error is printed above)") from None
+    finally:
+        for process, _ in workers.values():
+            process.join(timeout=60)
+            process.kill()
+
+
+def summary(worker, probes, stride):
+    """Medians over rounds; each round's matmul rate is the faster of the probes just before and after it."""
+    seconds = float(np.median(worker["times"]))
+    result = {"seconds": seconds, worker["unit"]: worker["items"] / seconds,
+              "useful_gflops": worker["flops"] / seconds / 1e9, "peak_mb": worker["peak_mb"], "times": worker["times"]}
+    if probes:
+        result["matmul_gflops"] = float(np.median([max(probes[i], probes[i + 1])
+                                                   for i in range(0, stride * len(worker["times"]), stride)]))
     return result
-
-
-def run(path, opts, batch):
-    """Each part in a fresh process, so that the peak memory it reports is its own."""
-    result = {}
-    for part in ("train", "encode"):
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            result[part] = pool.submit(measure, path, part, opts, batch).result()
-    return {part: r for part, r in result.items() if r is not None}  # zero-shot has no training part
 
 
 def input_pipeline(device, batch, n_files=48):
@@ -252,7 +301,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    help="torch.compile our encoder, as train.py --compile does; MODE reduce-overhead adds CUDA graphs")
     p.add_argument("--warmup", type=int, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
-    p.add_argument("--iters", type=int, help="timed steps [CPU 1, CUDA 20]")
+    p.add_argument("--iters", type=int, help="timed steps per round [CPU 1, CUDA 20]")
+    p.add_argument("--rounds", type=int, default=3, help="the paths take turns, each timed once per round; the "
+                   "medians over rounds are printed")
     p.add_argument("--test-images", type=int, help="test images encoded, 5 captions each [CPU 8, CUDA 512]")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU [by GPU name]")
     p.add_argument("--skip-baseline", action="store_true")
@@ -263,8 +314,9 @@ def parse_args(argv=None):
                                   ("iters", 1, 20), ("test_images", 8, 512)):
         if getattr(opts, name) is None:
             setattr(opts, name, on_cuda if opts.device.startswith("cuda") else on_cpu)
-    if min(opts.batch_sizes) < 2 or opts.iters < 1 or opts.warmup < 0 or opts.test_images < 1:
-        p.error("batch sizes must be >= 2 (HMMC needs negatives), --iters and --test-images >= 1, --warmup >= 0")
+    if min(opts.batch_sizes) < 2 or min(opts.iters, opts.rounds, opts.test_images) < 1 or opts.warmup < 0:
+        p.error("batch sizes must be >= 2 (HMMC needs negatives), --iters, --rounds and --test-images >= 1, "
+                "--warmup >= 0")
     return opts
 
 
@@ -283,7 +335,8 @@ def main(argv=None):
         say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}; eff below: useful FLOP rate / "
             "the faster of two fp32 2048^3 matmul rates measured just before and after that line's timing (mm GFLOP/s)")
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
-        f"{opts.warmup} warm-up + {opts.iters} timed steps\n{FLOPS_NOTE}")
+        f"{opts.warmup} warm-up steps, then {opts.rounds} rounds of {opts.iters} timed steps, the paths in turn; "
+        f"medians over rounds\n{FLOPS_NOTE}")
     baseline = opts.method == "mrs" and not opts.skip_baseline  # the released code has the MRS-Adapter only
     paths = ("released", "ours") if baseline else ("ours",)
     if baseline:
@@ -298,7 +351,7 @@ def main(argv=None):
         "uint8 cache (index + data.normalise) {batch_images_per_s:.0f} images/s".format(**report["input"]))
     say("batch     path   part | pairs/s (train), images/s (encode)   s/iter  GFLOP/s   eff  peak MB  mm GFLOP/s")
     for batch in opts.batch_sizes:
-        row = report["results"][str(batch)] = {p: run(p, opts, batch) for p in paths}
+        row = report["results"][str(batch)] = run(paths, opts, batch)
         for path, parts in row.items():
             for part, r in parts.items():
                 flop_rate = r.get("matmul_gflops") or (report.get("peak_tflops") or 0) * 1e3
@@ -308,10 +361,14 @@ def main(argv=None):
                     + (f" {r['matmul_gflops']:11.1f}" if "matmul_gflops" in r else ""))
         if baseline:
             ours, released = row["ours"], row["released"]
-            row["speedup"] = {part: released[part]["seconds"] / ours[part]["seconds"] for part in ours}
+            # The ratio of each round's neighbouring timings, then the median over rounds.
+            ratios = {part: [r / o for r, o in zip(released[part]["times"], ours[part]["times"])] for part in ours}
+            row["speedup"] = {part: float(np.median(r)) for part, r in ratios.items()}
+            row["speedup_rounds"] = ratios
             row["train_memory_ratio"] = ours["train"]["peak_mb"] / released["train"]["peak_mb"]
-            say(f"{batch:5} ours / released: speed: training {row['speedup']['train']:.2f}x, encoding "
-                f"{row['speedup']['encode']:.2f}x; training peak memory {row['train_memory_ratio']:.2f}x")
+            say(f"{batch:5} ours / released: speed: " + ", ".join(
+                f"{part} {row['speedup'][part]:.2f}x (rounds {min(r):.2f}-{max(r):.2f})" for part, r in ratios.items())
+                + f"; training peak memory {row['train_memory_ratio']:.2f}x")
     if opts.json:
         print(json.dumps(report))
     return report

@@ -56,7 +56,7 @@ def test_useful_flops_match_a_flop_counter():
 
 def test_main_prints_json(capsys):
     report = bench.main(["--json", "--tiny", "--device", "cpu", "--batch-sizes", "4", "--warmup", "0", "--iters", "1",
-                         "--test-images", "2"])
+                         "--test-images", "2", "--rounds", "3"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report))
     expected = {"model", "method", "device", "amp", "flops", "max_abs_diff", "input", "results"}
@@ -68,5 +68,11 @@ def test_main_prints_json(capsys):
         assert row[path]["train"]["pairs_per_s"] > 0 and row[path]["train"]["peak_mb"] > 0
         assert row[path]["encode"]["images_per_s"] > 0 and row[path]["train"]["useful_gflops"] > 0
         assert row[path]["train"]["matmul_gflops"] > 0 and 0 < row[path]["train"]["efficiency"]
-    assert row["speedup"]["train"] > 0 and row["train_memory_ratio"] > 0
+    assert row["train_memory_ratio"] > 0
+    for part in ("train", "encode"):  # the paths took turns: three timings each, paired round by round
+        released, ours = row["released"][part]["times"], row["ours"][part]["times"]
+        assert len(released) == len(ours) == 3
+        ratios = [r / o for r, o in zip(released, ours)]
+        assert row["speedup_rounds"][part] == ratios and row["speedup"][part] == sorted(ratios)[1]
+        assert row["ours"][part]["seconds"] == sorted(ours)[1]
     assert printed["input"]["decode_images_per_s"] > 0 and printed["input"]["batch_images_per_s"] > 0
