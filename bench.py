@@ -257,12 +257,13 @@ def run(paths, opts, batch):
             for path, (_, conn) in workers.items():
                 conn.send(False)
                 results[path][part] = summary(conn.recv(), probes[paths.index(path):], len(paths))
+        for process, _ in workers.values():
+            process.join()
         return results
     except EOFError:
         raise SystemExit("a benchmark worker process died (its error is printed above)") from None
-    finally:
+    finally:  # after an error the other worker still waits for its next turn
         for process, _ in workers.values():
-            process.join(timeout=60)
             process.kill()
 
 

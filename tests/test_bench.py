@@ -2,6 +2,7 @@
 import argparse
 import json
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -76,3 +77,10 @@ def test_main_prints_json(capsys):
         assert row["speedup_rounds"][part] == ratios and row["speedup"][part] == sorted(ratios)[1]
         assert row["ours"][part]["seconds"] == sorted(ours)[1]
     assert printed["input"]["decode_images_per_s"] > 0 and printed["input"]["batch_images_per_s"] > 0
+
+
+def test_a_dying_worker_stops_the_run_with_a_message():
+    opts = bench.parse_args(["--tiny", "--device", "cpu", "--batch-sizes", "4", "--iters", "1", "--test-images", "2"])
+    opts.method = "no-such-method"  # adapter.apply raises in both worker processes
+    with pytest.raises(SystemExit, match="worker process died"):
+        bench.run(("released", "ours"), opts, 4)
