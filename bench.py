@@ -7,9 +7,9 @@ Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
 them: blocks one by one in [L, B, D] through nn.MultiheadAttention, the MRS-Adapter in fp32 beside each MLP, four
 encoder passes, text always 77 tokens, fp16 weights on a GPU, backbone frozen, HMMC, Adam. Both paths hold the same
-weights, and their clean embeddings are compared before anything is timed. Each path and part runs in its own
-process, so that the peak memory it reports is its own (Linux); the paths take turns, round by round, so that each
-round's ratio compares timings taken seconds apart (a shared machine's speed drifts).
+weights, and their clean embeddings are compared before anything is timed. Each path runs in its own process, so
+that the peak memory it reports is its own (Linux); the paths take turns, round by round, so that each round's ratio
+compares timings taken seconds apart (a shared machine's speed drifts).
 """
 import argparse
 import copy
@@ -240,6 +240,7 @@ def run(paths, opts, batch):
         conn, child = context.Pipe()
         process = context.Process(target=serve, args=(child, path, opts, batch), daemon=True)
         process.start()
+        child.close()  # the worker's end, now the worker's alone: its death then ends the parent's recv()
         workers[path] = (process, conn)
     cpu = opts.device == "cpu"
     try:
@@ -260,7 +261,7 @@ def run(paths, opts, batch):
         for process, _ in workers.values():
             process.join()
         return results
-    except EOFError:
+    except (EOFError, BrokenPipeError):
         raise SystemExit("a benchmark worker process died (its error is printed above)") from None
     finally:  # after an error the other worker still waits for its next turn
         for process, _ in workers.values():

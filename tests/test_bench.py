@@ -79,8 +79,10 @@ def test_main_prints_json(capsys):
     assert printed["input"]["decode_images_per_s"] > 0 and printed["input"]["batch_images_per_s"] > 0
 
 
-def test_a_dying_worker_stops_the_run_with_a_message():
+@pytest.mark.parametrize("failure", [dict(method="no-such-method"), dict(compile="no-such-mode")])
+def test_a_dying_worker_stops_the_run_with_a_message(failure):
+    """Both workers die (an unknown method), or only the last one (an unknown compile mode): no hang either way."""
     opts = bench.parse_args(["--tiny", "--device", "cpu", "--batch-sizes", "4", "--iters", "1", "--test-images", "2"])
-    opts.method = "no-such-method"  # adapter.apply raises in both worker processes
+    vars(opts).update(failure)
     with pytest.raises(SystemExit, match="worker process died"):
         bench.run(("released", "ours"), opts, 4)
