@@ -170,6 +170,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.visualize < 0:
         p.error(f"--visualize K must be positive (or 0: no gallery), got {args.visualize}")
+    if args.method == "zeroshot" and args.checkpoint:
+        p.error("--method zeroshot evaluates the frozen CLIP and reads no --checkpoint")
 
     state = {}
     if args.method != "zeroshot":
@@ -187,9 +189,13 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()
-    amp = args.amp or saved.get("amp") or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+    # The training run's autocast on a GPU; never bf16 by default on a CPU, where it is slow.
+    amp = args.amp or (saved.get("amp") or ("bf16" if torch.cuda.is_bf16_supported() else "off")
+                       if device.type == "cuda" else "off")
 
-    model = adapter.apply(load_backbone(clip, dataset, saved.get("seed", 2), device), method).to(device).eval()
+    backbone = load_backbone(clip, dataset, saved.get("seed", 2), device)
+    options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
+    model = adapter.apply(backbone, method, **options).to(device).eval()
     if state:
         adapter.load_trainable(model, state["trainable"])
     name, root = data.dataset_location(dataset, data_root)

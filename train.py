@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...) or checkpoint path [ViT-B/32; demo: "
                                                 "assets/mini-clip.pt, else a random tiny CLIP]")
     p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
-    p.add_argument("--lr-decay-epoch", type=int, default=20, help="lr x0.7 from this epoch on")
+    p.add_argument("--lr-decay-epoch", type=int, default=20, help="lr x0.7 after this many epochs")
     p.add_argument("--epochs", type=int, default=None, help="[30; demo: 6]")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
     p.add_argument("--margin", type=float, default=0.2)
@@ -59,8 +59,9 @@ def parse_args(argv=None):
         args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
-    if args.batch_size < 1 or args.epochs < 1 or args.log_every < 1 or args.save_minutes < 0:
-        p.error("--batch-size, --epochs and --log-every must be positive, --save-minutes >= 0")
+    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1 or args.save_minutes < 0:
+        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs and "
+                "--log-every positive, --save-minutes >= 0")
     return args
 
 
@@ -129,7 +130,7 @@ def save_atomically(obj, path):
 
 def rng_states():
     """Every process's generators that training draws from (dropout); the batch order comes from (seed, epoch)."""
-    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if not dist.is_initialized():
         return [mine]
     states = [None] * dist.get_world_size()
@@ -138,9 +139,11 @@ def rng_states():
 
 
 def set_rng_states(states):
+    if (states["cuda"] is None) == torch.cuda.is_available():
+        raise SystemExit(f"last.pt was written on a {'CPU' if states['cuda'] is None else 'GPU'}: resume it on one")
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"])  # this process's device, set before the resume
 
 
 def write_test(args, metrics, log, record):
@@ -181,7 +184,7 @@ def main(argv=None):
         train_images = train_images.to(device)  # the decoded training set fits on the GPU: no input pipeline
 
     encoder = ViewsEncoder(model)
-    if distributed:
+    if distributed and any(p.requires_grad for p in model.parameters()):  # zero-shot has nothing to synchronise
         # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
         encoder = nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None,
@@ -204,7 +207,8 @@ def main(argv=None):
         if len(state["rng"]) != world:
             raise SystemExit(f"{last_path} was written by {len(state['rng'])} processes: resume it with as many")
         changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in
-                   ("dataset", "method", "loss", "clip", "batch_size", "seed") if state["args"][k] != getattr(args, k)]
+                   ("dataset", "method", "loss", "clip", "batch_size", "seed", "margin", "mask_same_image", "amp")
+                   if state["args"][k] != getattr(args, k)]
         if changed:  # the batches, the model or the objective would not be the interrupted run's
             raise SystemExit(f"--resume with other settings than {last_path}: {', '.join(changed)}")
         adapter.load_trainable(model, state["trainable"])
@@ -236,7 +240,8 @@ def main(argv=None):
         """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
         rngs = rng_states()  # every process takes part: each one's generators are gathered
         if rank == 0:
-            state = {"trainable": adapter.trainable_state_dict(model), "method": args.method, "clip": args.clip,
+            state = {"trainable": adapter.trainable_state_dict(model), "method": args.method,
+                     "options": model.petl_options, "clip": args.clip,
                      "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": best_mr, "args": vars(args)}
             if improved:
                 save_atomically(state, best_path)
@@ -247,18 +252,16 @@ def main(argv=None):
         images, tokens = splits[split]
         return evaluate.retrieval_metrics(evaluate.similarity(model, images, tokens, device, args.amp))
 
+    before = {}
     if not args.resume:  # the starting point, so that every later number has something to be compared with
         for split in ("val", "test"):
-            m = score(split)
+            before[split] = m = score(split)
             log(f"before training: {split} {evaluate.format_metrics(m)}")
             record({"epoch": 0, "split": split, **m})
-    if optimizer is None:  # zero-shot: the frozen model is the result
-        return write_test(args, score("test"), log, record) if rank == 0 else None
-
-    if steps == 0:  # else no step runs and the untrained model is saved and reported as trained
+    if optimizer is not None and steps == 0:  # else no step runs and the untrained model is reported as trained
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
     saved_at = time.time()
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs if optimizer else 0):  # zero-shot: the frozen model is the result
         lr = args.lr * (0.7 if epoch >= args.lr_decay_epoch else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -296,9 +299,13 @@ def main(argv=None):
         save(epoch, steps, improved)
         saved_at = time.time()
 
-    if rank == 0:  # the test set is scored once, with the checkpoint validation chose
+    if rank == 0 and optimizer is None:
+        result = write_test(args, before["test"], log, record)
+    elif rank == 0:  # the test set is scored once, with the checkpoint validation chose
         adapter.load_trainable(model, torch.load(best_path, map_location="cpu", weights_only=True)["trainable"])
         result = write_test(args, score("test"), log, record)
+    if metrics_file:
+        metrics_file.close()
     if distributed:
         dist.destroy_process_group()
     return result if rank == 0 else None

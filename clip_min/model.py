@@ -48,9 +48,9 @@ class Attention(nn.Module):
         batch, tokens, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients, with no zero-filling
         # The text encoder is causal: token t sees tokens <= t, which is also why text can be cut to
         # the batch's longest caption without changing the feature read at the end token.
-        q, k, v = qkv.unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients, with no zero-filling
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
 

@@ -172,7 +172,8 @@ def _read_torchscript(archive, prefix):
 
 
 def read_state_dict(path):
-    """name -> fp32 tensor from an OpenAI TorchScript archive or a torch.save'd state_dict; never runs code from it."""
+    """name -> tensor (floating point ones in fp32) from an OpenAI TorchScript archive or a torch.save'd state_dict;
+    never runs code from it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import adapter
 import clip_min
 import evaluate
 import train
@@ -87,6 +88,22 @@ def test_visualize_writes_a_gallery(trained, tmp_path, k, columns):
 def test_bad_visualize_count(trained, tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--visualize", "-1"])
+    with pytest.raises(SystemExit):  # zero-shot reads no checkpoint: one given is a mistake, not silently ignored
+        evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--method", "zeroshot"])
+
+
+def test_checkpoint_options_and_precision(trained, tmp_path, monkeypatch):
+    """The method is rebuilt with the checkpoint's options (a bottleneck of 32 here, not the default 64), and a run
+    trained with bf16 on a GPU is evaluated in fp32 on a CPU."""
+    state = torch.load(trained.out / "best.pt", weights_only=True)
+    model = adapter.apply(clip_min.load(trained.clip)[0], "mrs", bottleneck=32)
+    state.update(trainable=adapter.trainable_state_dict(model), options=model.petl_options,
+                 args={**state["args"], "amp": "bf16"})
+    torch.save(state, tmp_path / "small.pt")
+    seen = []
+    monkeypatch.setattr(evaluate, "similarity", lambda *a: seen.append(a[-1]) or torch.eye(len(a[1])).repeat(1, 5))
+    evaluate.main(["--checkpoint", str(tmp_path / "small.pt"), "--workers", "1", "--out", str(tmp_path / "e.json")])
+    assert seen == ["off"]
 
 
 def test_no_run_is_a_clear_error(tmp_path, monkeypatch):

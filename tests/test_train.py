@@ -283,7 +283,7 @@ def test_learning_rate_defaults(monkeypatch):
 
 
 def test_bad_arguments(world, tmp_path):
-    for bad in (["--batch-size", "0"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"]):
+    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"]):
         with pytest.raises(SystemExit):
             run(world, tmp_path / "bad", *bad)
     with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
@@ -303,8 +303,15 @@ def test_bad_arguments(world, tmp_path):
     with pytest.raises(SystemExit, match="written by 2 processes"):
         run(world, tmp_path / "one", "--epochs", "2", "--resume")
     torch.save(state, tmp_path / "one" / "last.pt")
-    with pytest.raises(SystemExit, match="other settings .* --batch-size 8 -> 4, --seed 2 -> 3"):
-        run(world, tmp_path / "one", "--epochs", "2", "--resume", "--batch-size", "4", "--seed", "3")
+    with pytest.raises(SystemExit, match="other settings .* --batch-size 8 -> 4, --seed 2 -> 3, --margin 0.2 -> 0.3"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume", "--batch-size", "4", "--seed", "3", "--margin", "0.3")
+    with pytest.raises(SystemExit, match="other settings .* --amp off -> bf16"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume", "--amp", "bf16")
+    # A GPU's dropout stream cannot be resumed on a CPU.
+    torch.save({**state, "rng": [{**state["rng"][0], "cuda": torch.zeros(16, dtype=torch.uint8)}]},
+               tmp_path / "one" / "last.pt")
+    with pytest.raises(SystemExit, match="written on a GPU"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume")
 
 
 def test_compiled_encoder_matches_eager():
@@ -379,3 +386,16 @@ def test_two_processes_resume_exactly(world, tmp_path):
     a, b = trainable(straight / "last.pt"), trainable(broken / "last.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_two_processes_zeroshot(world, tmp_path):
+    """Zero-shot trains nothing, so nothing is wrapped in DDP (which refuses such a module); the result is the
+    single process's."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(REPO, "train.py"), *args_for(world, tmp_path / "ddp", "--method", "zeroshot")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = run(world, tmp_path / "single", "--method", "zeroshot")
+    with open(tmp_path / "ddp" / "test.json") as f:
+        assert json.load(f) == single
