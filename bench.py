@@ -118,15 +118,11 @@ def inputs(config, batch, device, seed=0):
     return images.to(device), clip_min.tokenize(texts).to(device)
 
 
-def longest(tokens):
-    return int(tokens.argmax(dim=-1).max()) + 1  # the end token has the highest id
-
-
 def max_differences(ours, released, images, tokens):
     """Max |ours - released| of the clean embeddings, eval mode (dropout off)."""
     ours.eval(), released.eval()
     with torch.no_grad():
-        image, text, _, _ = adapter.encode_views(ours, images, tokens[:, :longest(tokens)])
+        image, text, _, _ = adapter.encode_views(ours, images, clip_min.trim(tokens))
         return {"image": (image - released.encode_image(images, 0.0)).abs().max().item(),
                 "text": (text - released.encode_text(tokens, 0.0)).abs().max().item()}
 
@@ -195,15 +191,16 @@ def prepare(path, opts, batch):
         scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
-        amp, cut = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp), longest(test_tokens)
         host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
         train_fn = lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args)  # noqa: E731
-        encode_fn = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)(
-            lambda: (model.encode_image(test_images), model.encode_text(test_tokens[:, :cut])))
+        cut = clip_min.trim(test_tokens)
+        encode_fn = evaluate.autocast(device.type, opts.amp)(lambda: (model.encode_image(test_images),
+                                                                        model.encode_text(cut)))
+    test_length, length = clip_min.trim(test_tokens).shape[1], clip_min.trim(tokens).shape[1]
     parts = {"encode": (encode_fn, "images_per_s", len(test_images),
-                        useful_flops(config, len(test_images), len(test_tokens), longest(test_tokens), False))}
+                        useful_flops(config, len(test_images), len(test_tokens), test_length, False))}
     if optimizer is not None:
-        parts["train"] = (train_fn, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, longest(tokens), True))
+        parts["train"] = (train_fn, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, length, True))
     return model, parts
 
 

@@ -71,17 +71,21 @@ def retrieval_metrics(similarity, captions_per_image=5, chunk=1024):
     return metrics
 
 
+def autocast(device_type, amp):
+    """Mixed precision for --amp bf16 or fp16 (a no-op context for off)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def similarity(model, images, tokens, device, amp="off", batch_size=128):
     """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx]."""
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     image_features, text_features = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with torch.no_grad(), autocast(device.type, amp):
         for i in range(0, len(images), batch_size):
             batch = data.normalise(images[i:i + batch_size].to(device, non_blocking=True))
             image_features.append(F.normalize(model.encode_image(batch).float(), dim=-1))
         for i in range(0, len(tokens), batch_size):
-            batch = tokens[i:i + batch_size]
-            batch = batch[:, : int(batch.argmax(dim=-1).max()) + 1].to(device)  # exact: padding after the end is unseen
+            batch = clip_min.trim(tokens[i:i + batch_size]).to(device)
             text_features.append(F.normalize(model.encode_text(batch).float(), dim=-1))
     return torch.cat(image_features) @ torch.cat(text_features).t()
 

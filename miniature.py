@@ -78,7 +78,7 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
             caption = torch.randint(5, (len(images),), generator=generator)
         idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
         text = tokens[idx * 5 + caption[idx]]
-        text = text[:, : int(text.argmax(dim=-1).max()) + 1]  # up to the last end token, as train.py does
+        text = clip_min.trim(text)  # as train.py does
         for group in optimizer.param_groups:  # linear warm-up, then cosine decay to zero
             group["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = losses.infonce(model.encode_image(data.normalise(images[idx])), model.encode_text(text),

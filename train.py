@@ -99,12 +99,10 @@ class ViewsEncoder(nn.Module):
 def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     """One optimisation step on a batch: clean + augmented views -> loss -> backward -> step. Returns the terms.
     tokens may stay on the CPU: they are cut there and then moved to the images' device."""
-    device_type = images.device.type
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    # Cut to the longest caption (exact: causal mask, feature read at the end token) while the tokens are still on
-    # the host, where reading the length costs no wait for the GPU.
-    tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1].to(images.device, non_blocking=True)
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    # Cut to the longest caption while the tokens are still on the host, where reading the length costs no wait
+    # for the GPU.
+    tokens = clip_min.trim(tokens).to(images.device, non_blocking=True)
+    with evaluate.autocast(images.device.type, args.amp):
         *views, logit_scale = encoder(images, tokens)
     # Negatives come from every process's batch (identity on a single process).
     image, text, image_aug, text_aug = (losses.gather_with_grad(v.float()) for v in views)

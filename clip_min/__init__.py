@@ -4,8 +4,8 @@
     logits_per_image, logits_per_text = model(images, clip_min.tokenize(["a river", "a runway"]))
 """
 from .model import CLIP, CLIPConfig, build_model
-from .tokenizer import tokenize
+from .tokenizer import tokenize, trim
 from .transform import transform
 from .weights import available_models, load
 
-__all__ = ["CLIP", "CLIPConfig", "available_models", "build_model", "load", "tokenize", "transform"]
+__all__ = ["CLIP", "CLIPConfig", "available_models", "build_model", "load", "tokenize", "transform", "trim"]

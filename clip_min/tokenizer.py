@@ -120,3 +120,12 @@ def tokenize(texts, context_length=77, truncate=False):
             ids = ids[:context_length - 1] + [END_TOKEN]
         result[row, :len(ids)] = torch.tensor(ids)
     return result
+
+
+def trim(tokens):
+    """tokens [N, context] cut after the batch's last end token (the end token has the highest id).
+
+    Exact for CLIP's text encoder: its attention is causal and its feature is read at the end token, so no output
+    it gives ever sees the padding after that token. Short captions then cost their length, not 77 tokens.
+    """
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]

@@ -19,7 +19,7 @@ def test_released_path_matches_ours():
     released = bench.ReleasedPath(ours).eval()
     assert not any(p.requires_grad for p in released.clip.parameters())  # the backbone is frozen
     images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
-    assert bench.longest(tokens) < tokens.shape[1]  # ours runs on cut text, the released path on all 77 tokens
+    assert clip_min.trim(tokens).shape[1] < tokens.shape[1]  # ours runs on cut text, the released path on all 77 tokens
 
     diffs = bench.max_differences(ours, released, images, tokens)
     assert diffs["image"] < 1e-5 and diffs["text"] < 1e-5
@@ -48,7 +48,7 @@ def test_useful_flops_match_a_flop_counter():
     """The analytic forward count equals torch's FlopCounterMode on a plain CLIP's encoders."""
     model = clip_min.CLIP(bench.TINY).eval()
     images, tokens = bench.inputs(bench.TINY, 3, "cpu")
-    tokens = tokens[:, :bench.longest(tokens)]
+    tokens = clip_min.trim(tokens)
     # The math backend computes attention with matmuls the counter sees (it skips the fused CPU kernel).
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model.encode_image(images), model.encode_text(tokens)
