@@ -1,7 +1,6 @@
 """Losses against naive double loops written from the formulas, and multi-process gathering against one process."""
 import copy
 import math
-import socket
 
 import pytest
 import torch
@@ -204,8 +203,8 @@ def run_loss(model, inputs, name, image_ids, gather):
     return total, terms, embeddings
 
 
-def distributed_worker(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def distributed_worker(rank, store):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # identical data and weights on every rank
         inputs = torch.randn(4, WORLD * LOCAL_BATCH, 6, dtype=torch.float64)
@@ -241,11 +240,6 @@ def distributed_worker(rank, port):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_gathered_loss_and_ddp_gradients_equal_single_process():
-    mp.spawn(distributed_worker, args=(free_port(),), nprocs=WORLD, join=True)
+def test_gathered_loss_and_ddp_gradients_equal_single_process(tmp_path):
+    # A file store, not a TCP port: a port found free can be taken by another program before the workers bind it.
+    mp.spawn(distributed_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
