@@ -76,10 +76,12 @@ def test_text_cut_to_longest_caption_is_exact():
     model = CLIP(clip_min.CLIPConfig(**{"embed_dim": 64, "image_resolution": 32, "patch_size": 16, "vision_width": 64,
                                         "vision_layers": 1, "text_width": 128, "text_layers": 2})).eval()
     tokens = clip_min.tokenize(CAPTIONS)
-    longest = int(tokens.argmax(dim=-1).max()) + 1
+    trimmed = clip_min.trim(tokens)
+    last_end = max(row.tolist().index(row.max().item()) for row in tokens)  # the end token: the highest id
+    assert trimmed.shape[1] == last_end + 1 < 20 and torch.equal(trimmed, tokens[:, :last_end + 1])
+    assert (tokens[:, last_end + 1:] == 0).all()  # only padding was cut
     with torch.no_grad():
-        full, cut = model.encode_text(tokens), model.encode_text(tokens[:, :longest])
-    assert longest < 20
+        full, cut = model.encode_text(tokens), model.encode_text(trimmed)
     assert max_diff(full, cut) <= 1e-5
 
 
