@@ -153,3 +153,14 @@ def test_freed_memory_is_reused_without_page_faults():
     plain, tuned = map(int, subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                                            check=True).stdout.split())
     assert tuned * 10 < plain  # plain: one fault per page touched (4 KB, or 2 MB with transparent huge pages)
+
+
+def test_demo_backbone_without_the_bundled_checkpoint(monkeypatch, capsys):
+    """Without assets/mini-clip.pt the demo falls back to a random tiny CLIP, the same one for the same seed (so that
+    evaluate.py finds the backbone a demo run trained its adapter on), and says so."""
+    monkeypatch.setattr(evaluate, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
+    cpu = torch.device("cpu")
+    a, b, c = (evaluate.load_backbone(None, "demo", seed, cpu) for seed in (2, 2, 3))
+    assert a.config == evaluate.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.visual.proj, c.visual.proj)
