@@ -79,8 +79,7 @@ def load_data(args, resolution, rank):
         images = data.cache_images(split.image_paths, resolution, workers=args.workers)
         tokens = clip_min.tokenize(split.captions, truncate=True)
         splits[split.split] = (images, tokens)
-        if rank == 0:
-            print(f"{split.summary()}")
+        print(split.summary())
     return splits
 
 
@@ -170,7 +169,9 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     local_batch = args.batch_size // world
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
+        sys.stdout = open(os.devnull, "w")
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     torch.manual_seed(args.seed)
     model = adapter.apply(evaluate.load_backbone(args.clip, args.dataset, args.seed, device), args.method).to(device)

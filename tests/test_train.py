@@ -1,6 +1,7 @@
 """End-to-end tests of train.py's command line on a micro CLIP and a small generated dataset (CPU)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,12 +391,18 @@ def test_two_processes_resume_exactly(world, tmp_path):
 
 def test_two_processes_zeroshot(world, tmp_path):
     """Zero-shot trains nothing, so nothing is wrapped in DDP (which refuses such a module); the result is the
-    single process's."""
+    single process's, and only one process prints (here: the repair of an empty caption, once)."""
+    shutil.copytree(world.root, tmp_path / "data")
+    caps = tmp_path / "data" / f"{world.name}_precomp" / "test_caps.txt"
+    caps.write_text("\n" + caps.read_text().split("\n", 1)[1])  # the first caption is empty: repaired by a sibling
+    command = [*args_for(world, tmp_path / "ddp", "--method", "zeroshot"), "--data-root", str(tmp_path / "data")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(REPO, "train.py"), *args_for(world, tmp_path / "ddp", "--method", "zeroshot")],
+                           os.path.join(REPO, "train.py"), *command],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = run(world, tmp_path / "single", "--method", "zeroshot")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(set(lines)) and sum("repaired while reading" in line for line in lines) == 1, lines
+    single = train.main([*command, "--out", str(tmp_path / "single")])  # the last --out counts
     with open(tmp_path / "ddp" / "test.json") as f:
         assert json.load(f) == single
