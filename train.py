@@ -260,7 +260,7 @@ def main(argv=None):
     if optimizer is not None and steps == 0:  # else no step runs and the untrained model is reported as trained
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
     saved_at = time.time()
-    for epoch in range(start_epoch, args.epochs if optimizer else 0):  # zero-shot: the frozen model is the result
+    for epoch in range(start_epoch, args.epochs if optimizer is not None else 0):  # zero-shot: nothing to train
         lr = args.lr * (0.7 if epoch >= args.lr_decay_epoch else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr

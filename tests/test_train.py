@@ -342,8 +342,10 @@ def test_ctrl_c_says_how_to_resume(world, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = args_for(world, out, "--epochs", "50", "--save-minutes", "0", "--log-every", "1")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *command],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default disposition, as in a terminal: a test run started in the background inherits it ignored.
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *command], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
