@@ -216,9 +216,10 @@ def serve(conn, path, opts, batch):
         model.train(part == "train")
         peak_mb(device)
         with torch.inference_mode(part == "encode"):
+            conn.recv()  # the parent's go: one worker warms up at a time (two at once would share the cores)
             for _ in range(opts.warmup):
                 fn()
-            conn.send(None)  # warm
+            conn.send(None)
             times = []
             while conn.recv():
                 times.append(timed(fn, 0, opts.iters, device))
@@ -244,8 +245,9 @@ def run(paths, opts, batch):
         parts = {path: conn.recv() for path, (_, conn) in workers.items()}
         results = {path: {} for path in paths}
         for part in parts[paths[0]]:  # encode, train (zero-shot trains nothing, and then runs alone)
-            for _, conn in workers.values():
-                conn.recv()  # warm
+            for _, conn in workers.values():  # warm-up, in turn
+                conn.send(True)
+                conn.recv()
             probes = [matmul_gflops()] if cpu else []
             for _ in range(opts.rounds):
                 for path in paths:
