@@ -305,14 +305,14 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="timed steps per round [CPU 1, CUDA 20]")
     p.add_argument("--rounds", type=int, default=3, help="the paths take turns, each timed once per round; the "
                    "medians over rounds are printed")
-    p.add_argument("--test-images", type=int, help="test images encoded, 5 captions each [CPU 8, CUDA 512]")
+    p.add_argument("--test-images", type=int, help="test images encoded, 5 captions each [CPU 4, CUDA 512]")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU [by GPU name]")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
     for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("amp", "off", "bf16"), ("warmup", 1, 5),
-                                  ("iters", 1, 20), ("test_images", 8, 512)):
+                                  ("iters", 1, 20), ("test_images", 4, 512)):
         if getattr(opts, name) is None:
             setattr(opts, name, on_cuda if opts.device.startswith("cuda") else on_cpu)
     if min(opts.batch_sizes) < 2 or min(opts.iters, opts.rounds, opts.test_images) < 1 or opts.warmup < 0:
