@@ -179,6 +179,7 @@ def prepare(path, opts, batch):
     images, tokens = inputs(config, batch, device)
     test_images, test_tokens = inputs(config, opts.test_images, device, seed=1)
     test_tokens = torch.cat([test_tokens] * 5)
+    test_cut, length = clip_min.trim(test_tokens), clip_min.trim(tokens).shape[1]  # ours reads cut text
     if path == "released":
         model = ReleasedPath(model, fp16=device.type == "cuda")
         optimizer = torch.optim.Adam(model.adapter.parameters(), lr=2e-4)
@@ -193,12 +194,10 @@ def prepare(path, opts, batch):
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
         host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
         train_fn = lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args)  # noqa: E731
-        cut = clip_min.trim(test_tokens)
         encode_fn = evaluate.autocast(device.type, opts.amp)(lambda: (model.encode_image(test_images),
-                                                                        model.encode_text(cut)))
-    test_length, length = clip_min.trim(test_tokens).shape[1], clip_min.trim(tokens).shape[1]
+                                                                        model.encode_text(test_cut)))
     parts = {"encode": (encode_fn, "images_per_s", len(test_images),
-                        useful_flops(config, len(test_images), len(test_tokens), test_length, False))}
+                        useful_flops(config, len(test_images), len(test_tokens), test_cut.shape[1], False))}
     if optimizer is not None:
         parts["train"] = (train_fn, "pairs_per_s", batch, useful_flops(config, 2 * batch, 2 * batch, length, True))
     return model, parts
@@ -248,15 +247,17 @@ def run(paths, opts, batch):
             for _, conn in workers.values():  # warm-up, in turn
                 conn.send(True)
                 conn.recv()
-            probes = [matmul_gflops()] if cpu else []
+            probe, rates = matmul_gflops() if cpu else None, {path: [] for path in paths}
             for _ in range(opts.rounds):
                 for path in paths:
                     workers[path][1].send(True)
                     workers[path][1].recv()
-                    probes += [matmul_gflops()] if cpu else []
+                    if cpu:  # the turn's matmul rate: the faster of the probes just before and after it
+                        previous, probe = probe, matmul_gflops()
+                        rates[path].append(max(previous, probe))
             for path, (_, conn) in workers.items():
                 conn.send(False)
-                results[path][part] = summary(conn.recv(), probes[paths.index(path):], len(paths))
+                results[path][part] = summary(conn.recv(), rates[path])
         for process, _ in workers.values():
             process.join()
         return results
@@ -267,14 +268,13 @@ def run(paths, opts, batch):
             process.kill()
 
 
-def summary(worker, probes, stride):
-    """Medians over rounds; each round's matmul rate is the faster of the probes just before and after it."""
+def summary(worker, matmul_rates):
+    """Medians over rounds of a worker's timings and of the matmul rates probed around them (CPU)."""
     seconds = float(np.median(worker["times"]))
     result = {"seconds": seconds, worker["unit"]: worker["items"] / seconds,
               "useful_gflops": worker["flops"] / seconds / 1e9, "peak_mb": worker["peak_mb"], "times": worker["times"]}
-    if probes:
-        result["matmul_gflops"] = float(np.median([max(probes[i], probes[i + 1])
-                                                   for i in range(0, stride * len(worker["times"]), stride)]))
+    if matmul_rates:
+        result["matmul_gflops"] = float(np.median(matmul_rates))
     return result
 
 

@@ -77,6 +77,11 @@ def autocast(device_type, amp):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def default_amp(device):
+    """bf16 on GPUs that have it; off elsewhere (bf16 on a CPU without bf16 units is far slower than fp32)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+
+
 def similarity(model, images, tokens, device, amp="off", batch_size=128):
     """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx]."""
     image_features, text_features = [], []
@@ -193,9 +198,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()
-    # The training run's autocast on a GPU; never bf16 by default on a CPU, where it is slow.
-    amp = args.amp or (saved.get("amp") or ("bf16" if torch.cuda.is_bf16_supported() else "off")
-                       if device.type == "cuda" else "off")
+    # The training run's precision on a GPU; on a CPU fp32, whatever the run used.
+    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or default_amp(device)
 
     backbone = load_backbone(clip, dataset, saved.get("seed", 2), device)
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes

@@ -164,8 +164,7 @@ def main(argv=None):
     else:
         device = torch.device("cpu")
         evaluate.keep_freed_memory()
-    if args.amp is None:
-        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    args.amp = args.amp or evaluate.default_amp(device)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     local_batch = args.batch_size // world
@@ -237,6 +236,7 @@ def main(argv=None):
 
     def save(epoch, step, improved=False):
         """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
+        nonlocal saved_at
         rngs = rng_states()  # every process takes part: each one's generators are gathered
         if rank == 0:
             state = {"trainable": adapter.trainable_state_dict(model), "method": args.method,
@@ -246,6 +246,7 @@ def main(argv=None):
                 save_atomically(state, best_path)
             save_atomically({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                              "rng": rngs}, last_path)
+        saved_at = time.time()
 
     def score(split):
         images, tokens = splits[split]
@@ -288,7 +289,6 @@ def main(argv=None):
                     dist.broadcast_object_list(due, src=0)
                 if due[0]:
                     save(epoch, step + 1)
-                    saved_at = time.time()
         model.eval()
         m = score("val")
         improved = m["mR"] > best_mr
@@ -296,7 +296,6 @@ def main(argv=None):
         log(f"epoch {epoch + 1} val {evaluate.format_metrics(m)}" + (" (best)" if improved else ""))
         record({"epoch": epoch + 1, "split": "val", **m})
         save(epoch, steps, improved)
-        saved_at = time.time()
 
     if rank == 0 and optimizer is None:
         result = write_test(args, before["test"], log, record)

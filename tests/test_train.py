@@ -37,6 +37,13 @@ def run(world, out, *extra):
     return train.main(args_for(world, out, *extra))
 
 
+def torchrun(cwd, script, *args, **env):
+    """`script` under torchrun as two CPU processes (gloo), with extra environment variables."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -247,12 +254,8 @@ def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
                       "torch.optim.Adam = torch.optim.SGD\n"
                       f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PE_RSITR_CACHE": str(tmp_path / "demo-cache"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(driver), *args_for(world, ddp, *extra)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(tmp_path, driver, *args_for(world, ddp, *extra), PE_RSITR_CACHE=str(tmp_path / "demo-cache"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("before training: val") == 1  # only rank 0 logs
     assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
@@ -371,20 +374,16 @@ def test_two_processes_resume_exactly(world, tmp_path):
                       f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
-    def torchrun(out, *extra, stop_at=0):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
-               "STOP_AT": str(stop_at)}
+    def interruptible(out, *extra, stop_at=0):
         command = args_for(world, out, "--epochs", "2", "--log-every", "1", "--save-minutes", "0", *extra)
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(driver), *command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return torchrun(tmp_path, driver, *command, STOP_AT=str(stop_at))
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert torchrun(straight).returncode == 0
-    assert torchrun(broken, stop_at=STEPS_PER_EPOCH + 8).returncode != 0  # both processes stop in the second epoch
+    assert interruptible(straight).returncode == 0
+    assert interruptible(broken, stop_at=STEPS_PER_EPOCH + 8).returncode != 0  # both processes stop in epoch two
     saved = torch.load(broken / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (1, 7)
-    proc = torchrun(broken, "--resume")
+    proc = interruptible(broken, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = trainable(straight / "last.pt"), trainable(broken / "last.pt")
     for k in a:
@@ -398,10 +397,7 @@ def test_two_processes_zeroshot(world, tmp_path):
     caps = tmp_path / "data" / f"{world.name}_precomp" / "test_caps.txt"
     caps.write_text("\n" + caps.read_text().split("\n", 1)[1])  # the first caption is empty: repaired by a sibling
     command = [*args_for(world, tmp_path / "ddp", "--method", "zeroshot"), "--data-root", str(tmp_path / "data")]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(REPO, "train.py"), *command],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(tmp_path, os.path.join(REPO, "train.py"), *command)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == len(set(lines)) and sum("repaired while reading" in line for line in lines) == 1, lines
