@@ -5,10 +5,12 @@ Two on-disk layouts give the same Split:
       image in image order, and {train,test}_filename.txt, one line per image (train) or per caption (test).
   Karpathy JSON: <root>/dataset_<name>.json = {"images": [{"filename", "split", "sentences": [{"raw"}]}]}.
 Images are looked up in <root>/<name>_images/, <root>/<name>_precomp/<name>_images/, <root>/<name>_precomp/images/
-and <root>/images/. Split "train" is the train+val pool (the precomp train file holds both), "test" the test set.
+and <root>/images/. Splits: "train", "val", "test". The precomp train file holds train and val: they are split as
+the authors' released code splits it (see released_split); the Karpathy JSON labels its own.
 """
 import json
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from PIL import Image, ImageDraw
 from clip_min.transform import CLIP_MEAN, CLIP_STD
 
 DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))  # generated demo datasets
+CAPTIONS_PER_IMAGE = 5  # every dataset of the paper; reading repairs images with fewer or more
 SOURCES = ("The precomp files (<name>_precomp/ plus the <name>_images/ folder) come with the GaLR and AMFMN "
            "repositories (github.com/xiaoyuan1996/GaLR, github.com/xiaoyuan1996/AMFMN); the Karpathy-style "
            "JSON files are named dataset_<name>.json (dataset_rsicd.json, ...).")
@@ -60,8 +63,18 @@ def _read_precomp(folder, split):
     return names, [captions[5 * i:5 * i + 5] for i in range(len(names))]
 
 
+def released_split(n_images, seed, split):
+    """Indices (in file order) of the training file's images in `split` ("train" or "val"), drawn as the authors'
+    train.py draws them: random.seed(seed), one random.shuffle of the image groups in file order, the first
+    int(0.8 * n) for training and the rest for validation. The shuffle depends only on n and the seed."""
+    order = list(range(n_images))
+    random.Random(seed).shuffle(order)
+    cut = int(n_images * 0.8)  # the released expression, so the float rounding is theirs too
+    return sorted(order[:cut] if split == "train" else order[cut:])
+
+
 def _read_karpathy(path, split):
-    wanted = ("train", "val", "restval") if split == "train" else ("test",)
+    wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
     try:
         entries = [e for e in json.loads(Path(path).read_text(encoding="utf-8"))["images"] if e["split"] in wanted]
         return [e["filename"] for e in entries], [[s["raw"] for s in e["sentences"]] for e in entries]
@@ -69,13 +82,17 @@ def _read_karpathy(path, split):
         raise ValueError(f"{path} is not a Karpathy-style caption file ({type(e).__name__}: {e})") from e
 
 
-def load_split(name, root, split):
-    """Read split "train" (train+val pool) or "test" of dataset `name` (rsitmd, rsicd, ucm, demo) under `root`."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+def load_split(name, root, split, seed=2):
+    """Read split "train", "val" or "test" of dataset `name` (rsitmd, rsicd, ucm, demo) under `root`; `seed` draws
+    the precomp files' train/val split (the paper's 2)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     precomp, karpathy = os.path.join(root, f"{name}_precomp"), os.path.join(root, f"dataset_{name}.json")
     if os.path.isdir(precomp):
-        names, groups = _read_precomp(precomp, split)
+        names, groups = _read_precomp(precomp, "test" if split == "test" else "train")
+        if split != "test":  # drawn before any repair below, as the released code draws it on the raw file
+            chosen = released_split(len(names), seed, split)
+            names, groups = [names[i] for i in chosen], [groups[i] for i in chosen]
     elif os.path.isfile(karpathy):
         names, groups = _read_karpathy(karpathy, split)
     else:
@@ -117,19 +134,6 @@ def dataset_location(name, root=None):
         root = root or DEMO_ROOT
         return make_demo(root), root
     return name, root or "data"
-
-
-def split_train_val(split, seed, val_fraction=0.2):
-    """Seeded random split by image (the five captions follow their image) -> (train, val) Splits in file order."""
-    n = len(split.image_paths)
-    if not 0 < val_fraction < 1 or n < 2:
-        raise ValueError(f"cannot split {n} images with val_fraction={val_fraction} (need 0 < val_fraction < 1 "
-                         "and at least 2 images)")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    parts = {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist())}
-    return tuple(Split(split.name, part, [split.image_paths[i] for i in ids],
-                       [split.captions[5 * i + k] for i in ids for k in range(5)]) for part, ids in parts.items())
 
 
 def open_image(path):

@@ -14,8 +14,10 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
+import torch._dynamo  # noqa: F401  (before any process group: imported later, by DDP, it leaves gloo threads behind)
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -36,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...) or checkpoint path [ViT-B/32; demo: "
                                                 "assets/mini-clip.pt, else a random tiny CLIP]")
     p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
-    p.add_argument("--lr-decay-epoch", type=int, default=20, help="lr x0.7 after this many epochs")
+    p.add_argument("--lr-decay-epoch", type=int, default=20, help="the first epoch (counted from 1) at lr x0.7, "
+                   "and x0.7 again every as many epochs, as the released code decays it")
     p.add_argument("--epochs", type=int, default=None, help="[30; demo: 6]")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
     p.add_argument("--margin", type=float, default=0.2)
@@ -59,27 +62,29 @@ def parse_args(argv=None):
         args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
-    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1 or args.save_minutes < 0:
-        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs and "
-                "--log-every positive, --save-minutes >= 0")
+    if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch) < 1 or args.save_minutes < 0:
+        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs, --log-every "
+                "and --lr-decay-epoch positive, --save-minutes >= 0")
     return args
 
 
 def load_data(args, resolution, rank):
-    """Train/val (seeded 80/20 split of the training file) and test splits, images decoded once into memory."""
+    """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits, images decoded
+    once into memory. The validation images are listed in <out>/val_images.txt."""
     if rank == 0:  # the demo is generated once, by one process
         data.dataset_location(args.dataset, args.data_root)
     if dist.is_initialized():
         dist.barrier()
     name, root = data.dataset_location(args.dataset, args.data_root)
-    train, val = data.split_train_val(data.load_split(name, root, "train"), seed=args.seed)
-    test = data.load_split(name, root, "test")
     splits = {}
-    for split in (train, val, test):
+    for part in ("train", "val", "test"):
+        split = data.load_split(name, root, part, seed=args.seed)
         images = data.cache_images(split.image_paths, resolution, workers=args.workers)
-        tokens = clip_min.tokenize(split.captions, truncate=True)
-        splits[split.split] = (images, tokens)
+        splits[part] = (images, clip_min.tokenize(split.captions, truncate=True))
         print(split.summary())
+        if part == "val" and rank == 0:
+            with open(os.path.join(args.out, "val_images.txt"), "w") as f:
+                f.writelines(os.path.basename(path) + "\n" for path in split.image_paths)
     return splits
 
 
@@ -119,6 +124,10 @@ def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
+def log(*a):
+    print(*a, flush=True)
+
+
 def save_atomically(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -143,16 +152,8 @@ def set_rng_states(states):
         torch.cuda.set_rng_state(states["cuda"])  # this process's device, set before the resume
 
 
-def write_test(args, metrics, log, record):
-    log(f"test {evaluate.format_metrics(metrics)}")
-    record({"split": "test", **metrics})
-    with open(os.path.join(args.out, "test.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def start(args):
+    """The processes (torchrun's, or just this one), the device, the precision, and a run with its model and data."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -167,20 +168,17 @@ def main(argv=None):
     args.amp = args.amp or evaluate.default_amp(device)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    local_batch = args.batch_size // world
     if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
         sys.stdout = open(os.devnull, "w")
-    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
     model = adapter.apply(evaluate.load_backbone(args.clip, args.dataset, args.seed, device), args.method).to(device)
-    n_trainable = adapter.count_trainable(model)
-    log(f"{args.method}: {n_trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
+    log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
+        f"{sum(p.numel() for p in model.parameters()):,}")
     splits = load_data(args, model.visual.input_resolution, rank)
-    train_images, train_tokens = splits["train"]
-    if device.type == "cuda":
-        train_images = train_images.to(device)  # the decoded training set fits on the GPU: no input pipeline
-
+    if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
+        splits["train"] = (splits["train"][0].to(device), splits["train"][1])
     encoder = ViewsEncoder(model)
     if distributed and any(p.requires_grad for p in model.parameters()):  # zero-shot has nothing to synchronise
         # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
@@ -191,122 +189,174 @@ def main(argv=None):
         encoder = torch.compile(encoder, mode=args.compile)
     torch.manual_seed(args.seed + rank)  # the same weights everywhere (above), but each process its own dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr) if params else None
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return SimpleNamespace(
+        args=args, rank=rank, world=world, distributed=distributed, device=device, model=model, encoder=encoder,
+        splits=splits, steps=len(splits["train"][1]) // args.batch_size,
+        optimizer=torch.optim.Adam(params, lr=args.lr) if params else None,  # None: zero-shot, nothing trains
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        best_mr=-1.0, saved_at=time.time(), metrics_file=None)
 
-    os.makedirs(args.out, exist_ok=True)
-    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    start_epoch, start_step, best_mr = 0, 0, -1.0
-    steps = len(train_tokens) // args.batch_size
-    if args.resume:
-        if not os.path.isfile(last_path):
-            raise SystemExit(f"--resume: no checkpoint at {last_path}")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if len(state["rng"]) != world:
-            raise SystemExit(f"{last_path} was written by {len(state['rng'])} processes: resume it with as many")
-        changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in
-                   ("dataset", "method", "loss", "clip", "batch_size", "seed", "margin", "mask_same_image", "amp")
-                   if state["args"][k] != getattr(args, k)]
-        if changed:  # the batches, the model or the objective would not be the interrupted run's
-            raise SystemExit(f"--resume with other settings than {last_path}: {', '.join(changed)}")
-        adapter.load_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"][rank])
-        start_epoch, start_step, best_mr = state["epoch"], state["step"], state["best_mR"]
-        if start_step == steps:  # a finished epoch, validation included
-            start_epoch, start_step = start_epoch + 1, 0
-        log(f"resumed from {last_path} at epoch {start_epoch + 1}, step {start_step}")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0 and args.resume and os.path.isfile(metrics_path):  # keep the lines of the steps last.pt holds
-        with open(metrics_path) as f:
+
+def resume(run):
+    """Restore <out>/last.pt: weights, optimizer, scaler, each process's generators. Returns (epoch, step) to go on
+    from. Refuses settings that would change the batches, the model or the objective of the interrupted run."""
+    args, path = run.args, os.path.join(run.args.out, "last.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["rng"]) != run.world:
+        raise SystemExit(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
+    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in
+               ("dataset", "method", "loss", "clip", "batch_size", "seed", "margin", "mask_same_image", "amp")
+               if state["args"][k] != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume with other settings than {path}: {', '.join(changed)}")
+    adapter.load_trainable(run.model, state["trainable"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"][run.rank])
+    epoch, step, run.best_mr = state["epoch"], state["step"], state["best_mR"]
+    if step == run.steps:  # a finished epoch, validation included
+        epoch, step = epoch + 1, 0
+    log(f"resumed from {path} at epoch {epoch + 1}, step {step}")
+    return epoch, step
+
+
+def open_metrics(run, epoch, step):
+    """metrics.jsonl, one JSON object per log line (rank 0 only). A resumed run keeps the lines of the steps its
+    last.pt holds, so that the log reads as an uninterrupted run's."""
+    if run.rank != 0:
+        return
+    path = os.path.join(run.args.out, "metrics.jsonl")
+    if run.args.resume and os.path.isfile(path):
+        with open(path) as f:
             entries = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut short is dropped
         # Log positions are (epoch counted from 1, step); a validation line, without step, follows its epoch's steps.
-        kept = [e for e in entries if (e.get("epoch", math.inf), e.get("step", math.inf)) <= (start_epoch + 1,
-                                                                                               start_step)]
-        with open(metrics_path + ".tmp", "w") as f:
+        kept = [e for e in entries if (e.get("epoch", math.inf), e.get("step", math.inf)) <= (epoch + 1, step)]
+        with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    metrics_file = open(metrics_path, "a" if args.resume else "w") if rank == 0 else None
+        os.replace(path + ".tmp", path)
+    run.metrics_file = open(path, "a" if run.args.resume else "w")
 
-    def record(entry):
-        if metrics_file:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
 
-    def save(epoch, step, improved=False):
-        """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
-        nonlocal saved_at
-        rngs = rng_states()  # every process takes part: each one's generators are gathered
-        if rank == 0:
-            state = {"trainable": adapter.trainable_state_dict(model), "method": args.method,
-                     "options": model.petl_options, "clip": args.clip,
-                     "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": best_mr, "args": vars(args)}
-            if improved:
-                save_atomically(state, best_path)
-            save_atomically({**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "rng": rngs}, last_path)
-        saved_at = time.time()
+def record(run, entry):
+    if run.metrics_file:
+        run.metrics_file.write(json.dumps(entry) + "\n")
+        run.metrics_file.flush()
 
-    def score(split):
-        images, tokens = splits[split]
-        return evaluate.retrieval_metrics(evaluate.similarity(model, images, tokens, device, args.amp))
 
+def score(run, split):
+    """The recall metrics of a split (val or test) under the current weights."""
+    images, tokens = run.splits[split]
+    return evaluate.retrieval_metrics(evaluate.similarity(run.model, images, tokens, run.device, run.args.amp))
+
+
+def score_before_training(run):
+    """The starting point on both evaluation splits, so that every later number has something to be compared with."""
     before = {}
-    if not args.resume:  # the starting point, so that every later number has something to be compared with
-        for split in ("val", "test"):
-            before[split] = m = score(split)
-            log(f"before training: {split} {evaluate.format_metrics(m)}")
-            record({"epoch": 0, "split": split, **m})
-    if optimizer is not None and steps == 0:  # else no step runs and the untrained model is reported as trained
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_tokens)} training pairs")
-    saved_at = time.time()
-    for epoch in range(start_epoch, args.epochs if optimizer is not None else 0):  # zero-shot: nothing to train
-        lr = args.lr * (0.7 if epoch >= args.lr_decay_epoch else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        # The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
-        order = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        started, first = time.time(), start_step if epoch == start_epoch else 0
-        for step in range(first, steps):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size][rank * local_batch:(rank + 1) * local_batch]
-            image_ids = idx // 5  # five captions per image, in image order
-            images = data.normalise(train_images[image_ids.to(train_images.device)].to(device, non_blocking=True))
-            terms = train_step(encoder, optimizer, scaler, images, train_tokens[idx], image_ids.to(device), args)
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                terms = {k: v.item() for k, v in terms.items()}
-                elapsed = time.time() - started
-                rate = (step + 1 - first) * args.batch_size / elapsed
-                eta = ((steps - step - 1) + (args.epochs - epoch - 1) * steps) * args.batch_size / rate  # whole run
-                log(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                    + f" lr {lr:.2e} {rate:.1f} pairs/s eta {eta:.0f}s")
-                record({"epoch": epoch + 1, "step": step + 1, "lr": lr, "pairs_per_s": rate, **terms})
-                # A mid-epoch save once --save-minutes have passed: rank 0's clock decides for every process.
-                due = [step + 1 < steps and time.time() - saved_at >= 60 * args.save_minutes]
-                if distributed:
-                    dist.broadcast_object_list(due, src=0)
-                if due[0]:
-                    save(epoch, step + 1)
-        model.eval()
-        m = score("val")
-        improved = m["mR"] > best_mr
-        best_mr = max(best_mr, m["mR"])
-        log(f"epoch {epoch + 1} val {evaluate.format_metrics(m)}" + (" (best)" if improved else ""))
-        record({"epoch": epoch + 1, "split": "val", **m})
-        save(epoch, steps, improved)
+    for split in ("val", "test"):
+        before[split] = metrics = score(run, split)
+        log(f"before training: {split} {evaluate.format_metrics(metrics)}")
+        record(run, {"epoch": 0, "split": split, **metrics})
+    return before
 
-    if rank == 0 and optimizer is None:
-        result = write_test(args, before["test"], log, record)
-    elif rank == 0:  # the test set is scored once, with the checkpoint validation chose
-        adapter.load_trainable(model, torch.load(best_path, map_location="cpu", weights_only=True)["trainable"])
-        result = write_test(args, score("test"), log, record)
-    if metrics_file:
-        metrics_file.close()
-    if distributed:
+
+def save(run, epoch, step, improved=False):
+    """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
+    rngs = rng_states()  # every process takes part: each one's generators are gathered
+    if run.rank == 0:
+        args = run.args
+        state = {"trainable": adapter.trainable_state_dict(run.model), "method": args.method,
+                 "options": run.model.petl_options, "clip": args.clip, "dataset": args.dataset, "epoch": epoch,
+                 "step": step, "best_mR": run.best_mr, "args": vars(args)}
+        if improved:
+            save_atomically(state, os.path.join(args.out, "best.pt"))
+        save_atomically({**state, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                         "rng": rngs}, os.path.join(args.out, "last.pt"))
+    run.saved_at = time.time()
+
+
+def learning_rate(args, epoch):
+    """The released schedule: x0.7 at every --lr-decay-epoch-th epoch (counted from 1), i.e. from the 20th on."""
+    return args.lr * 0.7 ** ((epoch + 1) // args.lr_decay_epoch)
+
+
+def train_epoch(run, epoch, first_step):
+    """Steps first_step.. of one epoch, with progress lines and a mid-epoch save every --save-minutes."""
+    args, images_all, tokens_all = run.args, *run.splits["train"]
+    lr = learning_rate(args, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.model.train()
+    # The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+    order = torch.randperm(len(tokens_all), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    local = args.batch_size // run.world
+    started = time.time()
+    for step in range(first_step, run.steps):
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.rank * local:(run.rank + 1) * local]
+        image_ids = idx // data.CAPTIONS_PER_IMAGE  # captions are grouped by image, in image order
+        images = data.normalise(images_all[image_ids.to(images_all.device)].to(run.device, non_blocking=True))
+        terms = train_step(run.encoder, run.optimizer, run.scaler, images, tokens_all[idx], image_ids.to(run.device),
+                           args)
+        if (step + 1) % args.log_every == 0 or step + 1 == run.steps:
+            terms = {k: v.item() for k, v in terms.items()}
+            rate = (step + 1 - first_step) * args.batch_size / (time.time() - started)
+            eta = ((run.steps - step - 1) + (args.epochs - epoch - 1) * run.steps) * args.batch_size / rate
+            log(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{run.steps} "
+                + " ".join(f"{k} {v:.4f}" for k, v in terms.items()) + f" lr {lr:.2e} {rate:.1f} pairs/s eta {eta:.0f}s")
+            record(run, {"epoch": epoch + 1, "step": step + 1, "lr": lr, "pairs_per_s": rate, **terms})
+            # A mid-epoch save once --save-minutes have passed: rank 0's clock decides for every process.
+            due = [step + 1 < run.steps and time.time() - run.saved_at >= 60 * args.save_minutes]
+            if run.distributed:
+                dist.broadcast_object_list(due, src=0)
+            if due[0]:
+                save(run, epoch, step + 1)
+
+
+def validate_and_save(run, epoch):
+    """Model selection on the validation split (never the test split): best.pt keeps the best mR so far."""
+    run.model.eval()
+    metrics = score(run, "val")
+    improved = metrics["mR"] > run.best_mr
+    run.best_mr = max(run.best_mr, metrics["mR"])
+    log(f"epoch {epoch + 1} val {evaluate.format_metrics(metrics)}" + (" (best)" if improved else ""))
+    record(run, {"epoch": epoch + 1, "split": "val", **metrics})
+    save(run, epoch, run.steps, improved)
+
+
+def final_test(run, untrained_test):
+    """The test split, scored once, with the weights validation chose (zero-shot: the frozen model's score)."""
+    if run.optimizer is None:
+        metrics = untrained_test
+    else:
+        best = torch.load(os.path.join(run.args.out, "best.pt"), map_location="cpu", weights_only=True)
+        adapter.load_trainable(run.model, best["trainable"])
+        metrics = score(run, "test")
+    log(f"test {evaluate.format_metrics(metrics)}")
+    record(run, {"split": "test", **metrics})
+    with open(os.path.join(run.args.out, "test.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start(args)
+    epoch, step = resume(run) if args.resume else (0, 0)
+    open_metrics(run, epoch, step)
+    before = {} if args.resume else score_before_training(run)
+    if run.optimizer is not None and run.steps == 0:  # else no step runs and the untrained model is reported trained
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(run.splits['train'][1])} training pairs")
+    for epoch in range(epoch, args.epochs if run.optimizer is not None else 0):  # zero-shot: nothing to train
+        train_epoch(run, epoch, step)
+        validate_and_save(run, epoch)
+        step = 0
+    result = final_test(run, before.get("test")) if run.rank == 0 else None
+    if run.metrics_file:
+        run.metrics_file.close()
+    if run.distributed:
         dist.destroy_process_group()
-    return result if rank == 0 else None
+    return result
 
 
 if __name__ == "__main__":

@@ -204,6 +204,11 @@ def run_loss(model, inputs, name, image_ids, gather):
 
 
 def distributed_worker(rank, store):
+    # torch._dynamo must be imported before the process group exists: DDP's constructor imports it otherwise, and
+    # imported while a group lives it keeps gloo threads running after destroy_process_group, one of which can
+    # still be finishing the last all_gather at interpreter exit and abort the worker (SIGABRT, "terminate called
+    # without an active exception"). train.py gets it early through torchvision.
+    import torch._dynamo  # noqa: F401
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)  # identical data and weights on every rank

@@ -66,8 +66,10 @@ def max_change(a, b):
 
 def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     out = tmp_path / "run"
-    result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "1")
-    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
+    result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "2")
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json", "val_images.txt"]
+    val_split = data.load_split(world.name, world.root, "val")
+    assert (out / "val_images.txt").read_text().split() == [os.path.basename(p) for p in val_split.image_paths]
     entries = read_metrics(out)
 
     # The starting point on both evaluation splits, then step lines, then one val line per epoch.
@@ -79,7 +81,7 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
         assert e["loss"] == pytest.approx(e["it"] + e["ii"] + e["tt"], rel=1e-5)
         assert e["pairs_per_s"] > 0
     assert {e["lr"] for e in steps if e["epoch"] == 1} == {2e-4}
-    assert [e["lr"] for e in steps if e["epoch"] == 2] == pytest.approx([2e-4 * 0.7] * 4)  # decayed from index 1
+    assert [e["lr"] for e in steps if e["epoch"] == 2] == pytest.approx([2e-4 * 0.7] * 4)  # the 2nd epoch is the first decayed
     val = [e for e in entries if e.get("split") == "val" and e["epoch"] > 0]
     assert [e["epoch"] for e in val] == [1, 2]
     for e in val:
@@ -111,7 +113,6 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     assert best["epoch"] + 1 == next(e["epoch"] for e in val if e["mR"] == best_mr)
     assert best["best_mR"] == last["best_mR"] == best_mr
     adapter.load_trainable(model, best["trainable"])
-    _, val_split = data.split_train_val(data.load_split(world.name, world.root, "train"), seed=2)
     images = data.cache_images(val_split.image_paths, MICRO.image_resolution, workers=1)
     tokens = clip_min.tokenize(val_split.captions, truncate=True)
     sim = evaluate.similarity(model.eval(), images, tokens, torch.device("cpu"))
@@ -258,7 +259,7 @@ def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
     proc = torchrun(tmp_path, driver, *args_for(world, ddp, *extra), PE_RSITR_CACHE=str(tmp_path / "demo-cache"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("before training: val") == 1  # only rank 0 logs
-    assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json"]
+    assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json", "val_images.txt"]
     assert [e["epoch"] for e in read_metrics(ddp) if e.get("split") == "val"] == [0, 1]  # only rank 0 records
     rng = torch.load(ddp / "last.pt", weights_only=True)["rng"]  # each process's own dropout stream, to resume it
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
