@@ -5,8 +5,8 @@ Two on-disk layouts give the same Split:
       image in image order, and {train,test}_filename.txt, one line per image (train) or per caption (test).
   Karpathy JSON: <root>/dataset_<name>.json = {"images": [{"filename", "split", "sentences": [{"raw"}]}]}.
 Images are looked up in <root>/<name>_images/, <root>/<name>_precomp/<name>_images/, <root>/<name>_precomp/images/
-and <root>/images/. Splits: "train", "val", "test". The precomp train file holds train and val: they are split as
-the authors' released code splits it (see released_split); the Karpathy JSON labels its own.
+and <root>/images/. Splits: "train", "val", "test", and "trainval" (both of the first). The precomp train file holds
+train and val: they are split as the authors' released code splits it (released_split); Karpathy JSON labels its own.
 """
 import json
 import os
@@ -74,7 +74,8 @@ def released_split(n_images, seed, split):
 
 
 def _read_karpathy(path, split):
-    wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    wanted = {"train": ("train", "restval"), "val": ("val",), "trainval": ("train", "restval", "val"),
+              "test": ("test",)}[split]
     try:
         entries = [e for e in json.loads(Path(path).read_text(encoding="utf-8"))["images"] if e["split"] in wanted]
         return [e["filename"] for e in entries], [[s["raw"] for s in e["sentences"]] for e in entries]
@@ -83,14 +84,14 @@ def _read_karpathy(path, split):
 
 
 def load_split(name, root, split, seed=2):
-    """Read split "train", "val" or "test" of dataset `name` (rsitmd, rsicd, ucm, demo) under `root`; `seed` draws
-    the precomp files' train/val split (the paper's 2)."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    """Read split "train", "val", "trainval" or "test" of dataset `name` (rsitmd, rsicd, ucm, demo) under `root`;
+    `seed` draws the precomp files' train/val split (the paper's 2)."""
+    if split not in ("train", "val", "trainval", "test"):
+        raise ValueError(f"split must be 'train', 'val', 'trainval' or 'test', got {split!r}")
     precomp, karpathy = os.path.join(root, f"{name}_precomp"), os.path.join(root, f"dataset_{name}.json")
     if os.path.isdir(precomp):
         names, groups = _read_precomp(precomp, "test" if split == "test" else "train")
-        if split != "test":  # drawn before any repair below, as the released code draws it on the raw file
+        if split in ("train", "val"):  # drawn before any repair below, as the released code draws it on the raw file
             chosen = released_split(len(names), seed, split)
             names, groups = [names[i] for i in chosen], [groups[i] for i in chosen]
     elif os.path.isfile(karpathy):

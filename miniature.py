@@ -59,7 +59,7 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
     fp32 model and the natural-domain test metrics of the saved (fp16) file."""
     root = root or data.DEMO_ROOT
     name = data.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
-    splits = [data.load_split(name, root, part) for part in ("train", "test")]
+    splits = [data.load_split(name, root, part) for part in ("trainval", "test")]
     images, test_images = (data.cache_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
     tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
     per_epoch = len(images) // batch_size

@@ -2,6 +2,7 @@
 on tiny datasets written under tmp_path."""
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_precomp_layout_and_empty_captions(tmp_path, capsys):
     caps[1][2] = "   "  # one empty caption: replaced by another caption of the same image
     caps[2] = [""] * 5  # all empty (like four RSITMD images): the image is dropped
     write_precomp(tmp_path, "fake", TRAIN, TEST, train_caps=caps)
-    train = data.load_split("fake", str(tmp_path), "train")
+    train = data.load_split("fake", str(tmp_path), "trainval")
     assert [os.path.basename(p) for p in train.image_paths] == ["a16.tif", "b.tif", "d.png"]
     assert all(p.startswith(str(tmp_path / "fake_images")) for p in train.image_paths)
     assert len(train.captions) == 5 * len(train.image_paths)
@@ -90,7 +91,7 @@ def test_karpathy_json_layout(tmp_path, capsys):
               for i, (f, s, n) in enumerate(entries)]
     (tmp_path / "dataset_kp.json").write_text(json.dumps(dict(images=images, dataset="kp")))
     write_images(tmp_path / "images", [e[0] for e in entries])
-    train = data.load_split("kp", str(tmp_path), "train")  # train + val (+ restval): the pool to split
+    train = data.load_split("kp", str(tmp_path), "trainval")  # train + val + restval
     assert [os.path.basename(p) for p in train.image_paths] == ["t1.jpg", "v1.jpg", "t2.jpg", "t3.jpg"]
     assert train.captions[5:10] == [f"v1.jpg sentence {k}" for k in (0, 1, 2, 3, 0)]  # padded by repeating
     assert train.captions[10:15] == [f"t2.jpg sentence {k}" for k in range(5)]  # truncated
@@ -111,14 +112,14 @@ def test_missing_dataset_names_layouts_and_sources(tmp_path):
     for part in (str(tmp_path / "rsitmd_precomp"), str(tmp_path / "dataset_rsitmd.json"), "GaLR", "AMFMN"):
         assert part in message
     with pytest.raises(ValueError, match="split must be"):
-        data.load_split("rsitmd", str(tmp_path), "val")
+        data.load_split("rsitmd", str(tmp_path), "validation")
 
 
 def test_count_mismatch_names_files_and_counts(tmp_path):
     folder = write_precomp(tmp_path, "fake", TRAIN, TEST)
     (folder / "train_caps.txt").write_text("a caption\n" * 19)
     with pytest.raises(ValueError, match=r"train_caps.txt has 19 lines but .*train_filename.txt has 4"):
-        data.load_split("fake", str(tmp_path), "train")
+        data.load_split("fake", str(tmp_path), "trainval")
     names = (folder / "test_filename.txt").read_text().splitlines()
     names[7] = "f.jpg" if names[7] != "f.jpg" else "e16.tif"
     (folder / "test_filename.txt").write_text("\n".join(names) + "\n")
@@ -132,11 +133,11 @@ def test_count_mismatch_names_files_and_counts(tmp_path):
 def test_missing_images_are_named(tmp_path):
     write_precomp(tmp_path, "fake", TRAIN, TEST)
     os.remove(tmp_path / "fake_images" / "c.jpg")
-    with pytest.raises(FileNotFoundError, match=r"1 images of fake train are missing .*c\.jpg"):
-        data.load_split("fake", str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match=r"1 images of fake trainval are missing .*c\.jpg"):
+        data.load_split("fake", str(tmp_path), "trainval")
     os.remove(tmp_path / "fake_images" / "a16.tif")
     with pytest.raises(FileNotFoundError) as e:
-        data.load_split("fake", str(tmp_path), "train")
+        data.load_split("fake", str(tmp_path), "trainval")
     assert "a16.tif" in str(e.value) and str(tmp_path / "fake_precomp" / "fake_images") in str(e.value)
 
 
@@ -205,21 +206,47 @@ def test_cached_tensors_match_openai_preprocessing(tmp_path, capsys):
 # ---------------------------------------------------------------- train / val split
 
 
-def test_split_train_val_is_seeded_disjoint_and_complete():
-    paths = [f"img{i}.jpg" for i in range(53)]
-    split = data.Split("x", "train", paths, [f"{p} {k}" for p in paths for k in range(5)])
-    train, val = data.split_train_val(split, seed=2)
-    assert len(val.image_paths) == round(53 * 0.2) and len(train.image_paths) == 53 - len(val.image_paths)
-    assert set(train.image_paths).isdisjoint(val.image_paths)
-    assert set(train.image_paths) | set(val.image_paths) == set(paths)
-    for part in (train, val):
-        assert part.image_paths == sorted(part.image_paths, key=paths.index)  # file order kept
-        assert part.captions == [f"{p} {k}" for p in part.image_paths for k in range(5)]  # captions follow images
-    again, other = data.split_train_val(split, seed=2)[1], data.split_train_val(split, seed=3)[1]
-    assert again.image_paths == val.image_paths and other.image_paths != val.image_paths
-    assert len(data.split_train_val(split, seed=0, val_fraction=0.5)[1].image_paths) == round(53 * 0.5)
-    with pytest.raises(ValueError, match="val_fraction"):
-        data.split_train_val(split, seed=0, val_fraction=1.0)
+def released_generate_random_samples(caps_lines, name_lines, seed):
+    """The authors' train.py, as published: random.seed(seed) at start-up, then its generate_random_samples: the
+    file's (five captions, filename) groups in file order, one random.shuffle, the first int(0.8 n) train."""
+    random.seed(seed)
+    infos = [[caps_lines[5 * i:5 * i + 5], name_lines[i]] for i in range(len(name_lines))]
+    random.shuffle(infos)
+    cut = int(len(infos) * 0.8)
+    return [info[1] for info in infos[:cut]], [info[1] for info in infos[cut:]]
+
+
+@pytest.mark.parametrize("n_images, seed", [(53, 2), (4291, 2), (40, 7)])
+def test_precomp_train_val_is_the_released_split(tmp_path, n_images, seed):
+    names = [f"img{i:05d}.jpg" for i in range(n_images)]
+    caps = caption_groups(names)
+    caps[1] = caps[n_images - 1] = [""] * 5  # RSITMD's images with only empty captions: dropped AFTER the split
+    folder = tmp_path / "x_precomp"
+    folder.mkdir()
+    (folder / "train_caps.txt").write_text("".join(c + "\n" for group in caps for c in group))
+    (folder / "train_filename.txt").write_text("".join(n + "\n" for n in names))
+    os.makedirs(tmp_path / "x_images")
+    for n in names:
+        (tmp_path / "x_images" / n).touch()  # only looked up here, never decoded
+    lines = (folder / "train_caps.txt").read_text().splitlines(keepends=True)
+    their_train, their_val = released_generate_random_samples(lines, names, seed)
+    empty = {names[1], names[n_images - 1]}
+    for part, theirs in (("train", their_train), ("val", their_val)):
+        ours = data.load_split("x", str(tmp_path), part, seed=seed)
+        assert [os.path.basename(p) for p in ours.image_paths] == sorted(set(theirs) - empty)
+        assert ours.captions == [c for p in ours.image_paths for c in caps[names.index(os.path.basename(p))]]
+    assert data.load_split("x", str(tmp_path), "val", seed=seed + 1).image_paths != ours.image_paths
+
+
+def test_karpathy_json_keeps_its_own_split(tmp_path):
+    entries = [("t1.jpg", "train"), ("v1.jpg", "val"), ("t2.jpg", "restval"), ("x1.jpg", "test"), ("v2.jpg", "val")]
+    images = [dict(filename=f, split=s, sentences=[dict(raw=f"{f} {k}") for k in range(5)]) for f, s in entries]
+    (tmp_path / "dataset_kp.json").write_text(json.dumps(dict(images=images)))
+    write_images(tmp_path / "images", [e[0] for e in entries])
+    for split, expected in (("train", ["t1.jpg", "t2.jpg"]), ("val", ["v1.jpg", "v2.jpg"]), ("test", ["x1.jpg"])):
+        for seed in (2, 3):  # the file's labels, whatever the seed
+            paths = data.load_split("kp", str(tmp_path), split, seed=seed).image_paths
+            assert [os.path.basename(p) for p in paths] == expected
 
 
 # ---------------------------------------------------------------- demo dataset
@@ -230,19 +257,19 @@ def test_demo_is_deterministic_and_readable(tmp_path):
         assert data.make_demo(str(tmp_path / run), n_train=30, n_test=10, seed=5) == "demo"
     for file in ("train_caps.txt", "train_filename.txt", "test_caps.txt", "test_filename.txt"):
         assert (tmp_path / "a/demo_precomp" / file).read_bytes() == (tmp_path / "b/demo_precomp" / file).read_bytes()
-    train = data.load_split("demo", str(tmp_path / "a"), "train")
+    train = data.load_split("demo", str(tmp_path / "a"), "trainval")
     test = data.load_split("demo", str(tmp_path / "a"), "test")
     assert (len(train.image_paths), len(train.captions), len(test.image_paths)) == (30, 150, 10)
     for path in train.image_paths + test.image_paths:
         twin = path.replace(str(tmp_path / "a"), str(tmp_path / "b"))
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
     other_seed = data.make_demo(str(tmp_path / "c"), n_train=30, n_test=10, seed=6)
-    assert data.load_split(other_seed, str(tmp_path / "c"), "train").captions != train.captions
+    assert data.load_split(other_seed, str(tmp_path / "c"), "trainval").captions != train.captions
 
 
 def test_demo_captions_describe_the_drawing(tmp_path):
     name = data.make_demo(str(tmp_path), n_train=40, n_test=5, seed=1)
-    split = data.load_split(name, str(tmp_path), "train")
+    split = data.load_split(name, str(tmp_path), "trainval")
     halves = dict(left=np.s_[:, :32], right=np.s_[:, 32:], top=np.s_[:32, :], bottom=np.s_[32:, :])
     for i, path in enumerate(split.image_paths):
         words = split.captions[5 * i].split()  # "two red buildings on the left side of ..."
@@ -263,9 +290,9 @@ def test_demo_generation_is_resumable_and_has_two_domains(tmp_path):
     os.remove(marker)  # as if interrupted: redone
     os.remove(tmp_path / "demo_images" / "demo_00003.png")
     data.make_demo(root, n_train=10, n_test=5)
-    assert marker.exists() and len(data.load_split("demo", root, "train").image_paths) == 10
+    assert marker.exists() and len(data.load_split("demo", root, "trainval").image_paths) == 10
     data.make_demo(root, n_train=12, n_test=5)  # other parameters: regenerated
-    assert len(data.load_split("demo", root, "train").image_paths) == 12
+    assert len(data.load_split("demo", root, "trainval").image_paths) == 12
     natural = data.make_demo(root, domain="natural", n_train=10, n_test=5)
     assert natural == "demo_natural"
     remote_caps = data.load_split("demo", root, "test").captions
