@@ -26,14 +26,32 @@ TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8
                                 text_width=128, text_layers=4)
 
 
-def retrieval_metrics(similarity, captions_per_image=5, chunk=1024):
+def hit_probability(above, tied, truths, k, ties="expected"):
+    """P(rank < k) per query: `above` wrong candidates score strictly higher than its best truth, `tied` wrong ones
+    equal it, and `truths` of its own candidates reach that score (so the first of them is its rank)."""
+    if ties == "pessimistic":  # every tied wrong candidate ranked first
+        return (above + tied < k).double()
+    if ties == "optimistic":  # every tied wrong candidate ranked after the truths
+        return (above < k).double()
+    # Tied items in uniformly random order: the rank misses k when none of the first m = k - above tied slots holds a
+    # truth, probability C(tied, m) / C(tied + truths, m) = prod_{i<m} (tied - i) / (tied + truths - i).
+    slots = (k - above).clamp(0, k)[:, None]
+    i = torch.arange(k, device=above.device)
+    # Past i = tied the product is already 0; the clamp only keeps the factors after that finite.
+    ratios = (tied[:, None] - i).double() / (tied[:, None] + truths[:, None] - i).clamp(min=1)
+    return 1 - torch.where(i < slots, ratios, 1.0).prod(dim=1)
+
+
+def retrieval_metrics(similarity, captions_per_image=5, ties="expected", chunk=1024):
     """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix.
 
     Caption j belongs to image j // captions_per_image. Image -> text: an image's rank is the best rank among its
     own captions. Text -> image: each caption ranks all images. R@K = 100 * fraction of queries with rank < K.
-    Ties count against the model: a rank is the number of wrong candidates scoring at least as high as the truth,
-    so a collapsed model whose scores are all equal gets rank N - 1, not a perfect 0.
-    Queries are processed `chunk` at a time, so memory stays O(chunk x candidates).
+    Exactly tied scores (identical captions or images) are ordered by `ties`: "expected" averages R@K over all
+    orders of the tied candidates (exact, no sampling; what the released code gives on average over arbitrary
+    argsort orders), "pessimistic" puts every tied wrong candidate first (a collapsed model gets rank N - 1) and
+    "optimistic" puts them last. "tied_queries" counts the queries (both directions) whose truth ties with a wrong
+    candidate: only those differ between the rules. Queries are processed `chunk` at a time (memory O(chunk x N)).
     """
     similarity = torch.as_tensor(similarity)
     if similarity.dim() != 2:
@@ -46,29 +64,44 @@ def retrieval_metrics(similarity, captions_per_image=5, chunk=1024):
         raise ValueError("similarity contains NaN")
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    if ties not in ("expected", "pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'expected', 'pessimistic' or 'optimistic', got {ties!r}")
 
-    image_ranks = []
+    counts = {"i2t": [], "t2i": []}  # per chunk: (above, tied, truths) of each query
     for start in range(0, n_images, chunk):
         rows = similarity[start:start + chunk]
         images = torch.arange(start, start + len(rows), device=similarity.device)
         own_captions = images[:, None] * captions_per_image + torch.arange(captions_per_image, device=images.device)
-        # Wrong captions scoring at least the image's best own caption are those ranked before its best truth.
         own_scores = rows.gather(1, own_captions)
         best_own = own_scores.max(dim=1, keepdim=True).values
-        image_ranks.append((rows >= best_own).sum(dim=1) - (own_scores >= best_own).sum(dim=1))
-    caption_ranks = []
+        truths = (own_scores == best_own).sum(dim=1)
+        counts["i2t"].append(((rows > best_own).sum(dim=1), (rows == best_own).sum(dim=1) - truths, truths))
     for start in range(0, n_captions, chunk):
         columns = similarity[:, start:start + chunk]
-        truth = torch.arange(start, start + columns.shape[1], device=similarity.device) // captions_per_image
-        truth_score = columns[truth, torch.arange(columns.shape[1], device=similarity.device)]
-        caption_ranks.append((columns >= truth_score[None, :]).sum(dim=0) - 1)  # the truth itself is not counted
+        captions = torch.arange(start, start + columns.shape[1], device=similarity.device)
+        truth_score = columns[captions // captions_per_image, captions - start][None, :]
+        tied = (columns == truth_score).sum(dim=0) - 1  # the truth itself is not a tied wrong candidate
+        counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
 
-    metrics = {}
-    for direction, ranks in (("i2t", torch.cat(image_ranks)), ("t2i", torch.cat(caption_ranks))):
+    metrics, tied_queries = {}, 0
+    for direction, chunks in counts.items():
+        above, tied, truths = (torch.cat(c) for c in zip(*chunks))
+        tied_queries += (tied > 0).sum().item()
         for k in (1, 5, 10):
-            metrics[f"{direction}_R@{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
+            hits = hit_probability(above, tied, truths, k, ties).sum().item()
+            metrics[f"{direction}_R@{k}"] = 100.0 * hits / len(above)
     metrics["mR"] = sum(metrics.values()) / 6
+    metrics["tied_queries"] = tied_queries
     return metrics
+
+
+def tie_bounds(similarity, metrics):
+    """A line with the pessimistic and optimistic mR when exact ties touch the truth of some query, else ''."""
+    if not metrics["tied_queries"]:
+        return ""
+    low, high = (retrieval_metrics(similarity, ties=rule)["mR"] for rule in ("pessimistic", "optimistic"))
+    return (f"exact ties touch the truth of {metrics['tied_queries']} of {sum(similarity.shape)} queries: mR "
+            f"{low:.2f} if every tie went against the truth, {high:.2f} if every one went for it")
 
 
 def autocast(device_type, amp):
@@ -214,6 +247,7 @@ def main(argv=None):
     metrics = retrieval_metrics(sim)
     print(f"{dataset} {args.split} ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
     print(format_metrics(metrics))
+    print(tie_bounds(sim, metrics) or "no exact ties at any query's truth")
     out = args.out or (os.path.join(os.path.dirname(args.checkpoint), f"{args.split}_eval.json") if state
                        else os.path.join("runs", f"zeroshot-{dataset}.json"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

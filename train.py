@@ -245,10 +245,13 @@ def record(run, entry):
         run.metrics_file.flush()
 
 
-def score(run, split):
+def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
-    images, tokens = run.splits[split]
-    return evaluate.retrieval_metrics(evaluate.similarity(run.model, images, tokens, run.device, run.args.amp))
+    similarity = evaluate.similarity(run.model, *run.splits[split], run.device, run.args.amp)
+    metrics = evaluate.retrieval_metrics(similarity)
+    if say_ties and evaluate.tie_bounds(similarity, metrics):
+        log(evaluate.tie_bounds(similarity, metrics))
+    return metrics
 
 
 def score_before_training(run):
@@ -331,7 +334,7 @@ def final_test(run, untrained_test):
     else:
         best = torch.load(os.path.join(run.args.out, "best.pt"), map_location="cpu", weights_only=True)
         adapter.load_trainable(run.model, best["trainable"])
-        metrics = score(run, "test")
+        metrics = score(run, "test", say_ties=True)
     log(f"test {evaluate.format_metrics(metrics)}")
     record(run, {"split": "test", **metrics})
     with open(os.path.join(run.args.out, "test.json"), "w") as f:

@@ -1,38 +1,65 @@
-"""retrieval_metrics against a hand-worked case and a brute-force loop written from the evaluation protocol."""
+"""retrieval_metrics against hand-worked cases, a brute-force loop written from the evaluation protocol, and the
+released code's argsort ranking averaged over random orders of tied candidates."""
+import itertools
+from math import comb
+
+import numpy as np
 import pytest
 import torch
 
+import evaluate
 from evaluate import retrieval_metrics
 
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
+RULES = ("expected", "pessimistic", "optimistic")
 
 
-def brute_force(similarity, captions_per_image):
-    """The protocol, one query at a time. A rank is the number of wrong candidates scoring at least as high."""
+def query_hits(own, wrong, ties):
+    """P(rank < K) for K = 1, 5, 10 of one query, from the scores of its own and of its wrong candidates.
+
+    Its rank is the number of wrong candidates placed before its first own one. Wrong candidates tied with its best
+    own score go first (pessimistic), last (optimistic), or (expected) every placement of its tied own candidates
+    among the tied items counts once: all orders of the tied items are equally likely.
+    """
+    best = max(own)
+    above, tied = sum(w > best for w in wrong), sum(w == best for w in wrong)
+    tied_own = sum(o == best for o in own)
+    if ties == "pessimistic":
+        ranks = [above + tied]
+    elif ties == "optimistic":
+        ranks = [above]
+    else:
+        ranks = [above + min(slots) for slots in itertools.combinations(range(tied + tied_own), tied_own)]
+    return [sum(r < k for r in ranks) / len(ranks) for k in (1, 5, 10)], tied > 0
+
+
+def brute_force(similarity, captions_per_image, ties):
+    """The protocol, one query at a time: each image against all captions, each caption against all images."""
     s = similarity.tolist()
     n_images, n_captions = len(s), len(s[0])
-    image_ranks = []
+    queries = {"i2t": [], "t2i": []}
     for i in range(n_images):
         own = range(i * captions_per_image, (i + 1) * captions_per_image)
-        # An image's rank is the best (smallest) rank among its ground-truth captions.
-        image_ranks.append(min(sum(1 for k in range(n_captions) if k not in own and s[i][k] >= s[i][j]) for j in own))
-    caption_ranks = []
+        queries["i2t"].append(query_hits([s[i][j] for j in own], [s[i][j] for j in range(n_captions) if j not in own],
+                                         ties))
     for j in range(n_captions):
         truth = j // captions_per_image
-        caption_ranks.append(sum(1 for i in range(n_images) if i != truth and s[i][j] >= s[truth][j]))
+        queries["t2i"].append(query_hits([s[truth][j]], [s[i][j] for i in range(n_images) if i != truth], ties))
     metrics = {}
-    for direction, ranks in (("i2t", image_ranks), ("t2i", caption_ranks)):
-        for k in (1, 5, 10):
-            metrics[f"{direction}_R@{k}"] = 100.0 * sum(1 for r in ranks if r < k) / len(ranks)
+    for direction, results in queries.items():
+        for n, k in enumerate((1, 5, 10)):
+            metrics[f"{direction}_R@{k}"] = 100.0 * sum(hits[n] for hits, _ in results) / len(results)
     metrics["mR"] = sum(metrics[key] for key in KEYS) / 6
+    metrics["tied_queries"] = sum(tied for results in queries.values() for _, tied in results)
     return metrics
 
 
 def assert_same(metrics, expected):
-    assert set(metrics) == set(KEYS) | {"mR"}
-    for key, value in expected.items():
+    assert set(metrics) == set(KEYS) | {"mR", "tied_queries"}
+    assert metrics["tied_queries"] == expected["tied_queries"]
+    for key in (*KEYS, "mR"):
         assert isinstance(metrics[key], float)
-        assert metrics[key] == pytest.approx(value, abs=1e-9), key
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
 def test_hand_worked_two_images_ten_captions():
@@ -44,18 +71,25 @@ def test_hand_worked_two_images_ten_captions():
     # image -> text
     #   image 0: its best caption (0, score 9) is the top score: rank 0 -> counts for R@1, R@5, R@10.
     #   image 1: its best own caption is 5 (score 4); captions 0-3 (score 5) are higher and caption 4 (image 0's)
-    #            ties at 4, and ties count against: rank 5 -> misses R@1 and R@5, counts for R@10.
-    #   i2t: R@1 = 1/2 = 50, R@5 = 50, R@10 = 100.
+    #            ties at 4: rank 5 if the tie goes against it (misses R@5), 4 if for it; 4 or 5 with 1/2 each.
     # text -> image (column j: image 0 score vs image 1 score)
     #   caption 0: 9 vs 5, own image 0 is first -> rank 0.
     #   captions 1-4: 1 vs 5 or 4, image 1 is higher -> rank 1 (four captions).
-    #   caption 5: 0 vs 4 -> rank 0; caption 6: 3 vs 3 tie -> rank 1; captions 7-9: 0 vs 3 -> rank 0.
-    #   t2i: R@1 = 5/10 = 50, R@5 = R@10 = 100 (every rank is 0 or 1).
-    # mR = (50 + 50 + 100 + 50 + 100 + 100) / 6 = 75.
-    expected = {"i2t_R@1": 50.0, "i2t_R@5": 50.0, "i2t_R@10": 100.0,
-                "t2i_R@1": 50.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0, "mR": 75.0}
-    assert_same(retrieval_metrics(similarity, captions_per_image=5), expected)
-    assert_same(retrieval_metrics(similarity, captions_per_image=5, chunk=1), expected)
+    #   caption 5: 0 vs 4 -> rank 0; caption 6: 3 vs 3 tie -> rank 1 or 0; captions 7-9: 0 vs 3 -> rank 0.
+    # Two queries (image 1, caption 6) have a tie at their truth.
+    pessimistic = {"i2t_R@1": 50.0, "i2t_R@5": 50.0, "i2t_R@10": 100.0,   # image 1 at rank 5
+                   "t2i_R@1": 50.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,  # caption 6 at rank 1: 5 of 10 at rank 0
+                   "mR": 75.0, "tied_queries": 2}
+    optimistic = {"i2t_R@1": 50.0, "i2t_R@5": 100.0, "i2t_R@10": 100.0,   # image 1 at rank 4
+                  "t2i_R@1": 60.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,   # caption 6 at rank 0: 6 of 10
+                  "mR": 85.0, "tied_queries": 2}
+    expected = {"i2t_R@1": 50.0, "i2t_R@5": 75.0, "i2t_R@10": 100.0,     # image 1 within R@5 half of the time
+                "t2i_R@1": 55.0, "t2i_R@5": 100.0, "t2i_R@10": 100.0,     # caption 6 at rank 0 half of the time
+                "mR": 80.0, "tied_queries": 2}
+    for ties, values in (("pessimistic", pessimistic), ("optimistic", optimistic), ("expected", expected)):
+        for chunk in (1, 1024):
+            assert_same(retrieval_metrics(similarity, captions_per_image=5, ties=ties, chunk=chunk), values)
+    assert retrieval_metrics(similarity) == retrieval_metrics(similarity, ties="expected")
 
 
 @pytest.mark.parametrize("n_images, captions_per_image", [(1, 5), (3, 5), (12, 5), (40, 5), (1, 1), (9, 1), (60, 1)])
@@ -70,25 +104,110 @@ def test_matches_brute_force_on_random_and_tied_scores(n_images, captions_per_im
     truth = torch.arange(shape[1]) // captions_per_image == torch.arange(n_images)[:, None]
     informative = continuous + 2.0 * truth
     for similarity in (continuous, tied, tied_int, informative, informative.double()):
-        expected = brute_force(similarity, captions_per_image)
-        assert_same(retrieval_metrics(similarity, captions_per_image), expected)
-        for chunk in (1, 2, 7, n_images + 1):
-            assert_same(retrieval_metrics(similarity, captions_per_image, chunk=chunk), expected)
+        for ties in RULES:
+            expected = brute_force(similarity, captions_per_image, ties)
+            assert_same(retrieval_metrics(similarity, captions_per_image, ties), expected)
+            for chunk in (1, 7, n_images + 1):
+                assert_same(retrieval_metrics(similarity, captions_per_image, ties, chunk=chunk), expected)
 
 
 def test_chunking_and_non_contiguous_input_give_identical_results():
     torch.manual_seed(0)
     similarity = torch.randn(300, 30).t()  # 30 images x 300 captions, a non-contiguous view
     full = retrieval_metrics(similarity, captions_per_image=10, chunk=10_000)
-    assert full == brute_force(similarity, 10)
+    assert full == brute_force(similarity, 10, "expected")
     for chunk in (1, 3, 29, 30, 31, 299):
         assert retrieval_metrics(similarity, captions_per_image=10, chunk=chunk) == full
 
 
-def test_a_collapsed_model_scores_no_better_than_last():
-    """All-equal scores must not look like perfect retrieval: every truth ties with every wrong candidate."""
-    metrics = retrieval_metrics(torch.zeros(20, 100), captions_per_image=5)
-    assert all(metrics[key] == 0.0 for key in KEYS)
+def test_without_ties_the_three_rules_agree_exactly():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(25, 125, generator=generator)
+    for similarity in (scores, scores + 1.5 * (torch.arange(125) // 5 == torch.arange(25)[:, None])):
+        results = [retrieval_metrics(similarity, ties=ties) for ties in RULES]
+        assert results[0] == results[1] == results[2] == brute_force(similarity, 5, "pessimistic")
+        assert results[0]["tied_queries"] == 0
+
+
+def ucm_like(seed, n_images=40, n_classes=6, pool=4):
+    """Scores with UCM's exact ties: captions drawn from a small pool per class (often word for word the caption of
+    another image, so their columns are equal), some images sharing all five captions, a few duplicate images."""
+    rng = np.random.default_rng(seed)
+    classes = np.arange(n_images) % n_classes
+    caption_source = np.stack([c * pool + rng.integers(0, pool, 5) for c in classes])  # [images, 5] pool indices
+    image_source = np.arange(n_images)
+    for i in range(n_classes, n_images):
+        if rng.random() < 0.3:  # the same five captions as the previous image of its class
+            caption_source[i] = caption_source[i - n_classes]
+        if rng.random() < 0.15:  # an identical image
+            image_source[i] = image_source[i - n_classes]
+    match = classes[:, None] == np.arange(n_classes * pool)[None, :] // pool
+    base = rng.normal(size=(n_images, n_classes * pool)) + 1.5 * match
+    base = np.round(base * 4) / 4  # a coarse grid: ties between different captions as well
+    return base[image_source][:, caption_source.reshape(-1)].astype(np.float32)
+
+
+def released_recalls(similarity, rng, captions_per_image=5):
+    """One evaluation by the released code's rule, with the candidates relabelled at random first: each image sorts
+    all captions (np.argsort, descending, stable) and takes the first position of one of its own; each caption sorts
+    the images and takes the position of its image. Ties fall in the order of the random relabelling."""
+    n_images, n_captions = similarity.shape
+    captions = rng.permutation(n_captions)
+    ranked = captions[np.argsort(-similarity[:, captions], axis=1, kind="stable")]
+    image_ranks = (ranked // captions_per_image == np.arange(n_images)[:, None]).argmax(axis=1)
+    images = rng.permutation(n_images)
+    ranked = images[np.argsort(-similarity[images, :], axis=0, kind="stable")]
+    caption_ranks = (ranked == np.arange(n_captions)[None, :] // captions_per_image).argmax(axis=0)
+    return [100.0 * np.mean(ranks < k) for ranks in (image_ranks, caption_ranks) for k in (1, 5, 10)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expected_equals_the_released_code_averaged_over_tie_orders(seed):
+    similarity = ucm_like(seed)
+    rng = np.random.default_rng(100 + seed)
+    trials = np.array([released_recalls(similarity, rng) for _ in range(2000)])
+    mean, standard_error = trials.mean(axis=0), trials.std(axis=0, ddof=1) / np.sqrt(len(trials))
+    metrics = retrieval_metrics(torch.from_numpy(similarity))
+    bounds = retrieval_metrics(torch.from_numpy(similarity), ties="pessimistic"), \
+        retrieval_metrics(torch.from_numpy(similarity), ties="optimistic")
+    # The construction must be tie-heavy: most queries tied, and the two bounds far apart.
+    assert metrics["tied_queries"] > 0.5 * sum(similarity.shape)
+    assert bounds[1]["i2t_R@1"] - bounds[0]["i2t_R@1"] > 20 and bounds[1]["t2i_R@1"] - bounds[0]["t2i_R@1"] > 5
+    for n, key in enumerate(KEYS):
+        assert abs(metrics[key] - mean[n]) <= 4 * standard_error[n] + 1e-9, (key, metrics[key], mean[n])
+
+
+def test_rules_are_ordered_optimistic_expected_pessimistic():
+    generator = torch.Generator().manual_seed(5)
+    cases = [torch.randint(0, 3, (30, 150), generator=generator).float(), torch.from_numpy(ucm_like(7)),
+             torch.randint(0, 2, (12, 12), generator=generator).float()]
+    for similarity in cases:
+        captions_per_image = similarity.shape[1] // similarity.shape[0]
+        low, mid, high = (retrieval_metrics(similarity, captions_per_image, ties) for ties in
+                          ("pessimistic", "expected", "optimistic"))
+        for key in (*KEYS, "mR"):
+            assert low[key] <= mid[key] <= high[key], key
+        assert low["mR"] < mid["mR"] < high["mR"]
+
+
+@pytest.mark.parametrize("n_images", [7, 20])
+def test_a_collapsed_model_scores_chance_expected_and_last_or_first_by_the_bounds(n_images):
+    """All-equal scores: every order of the candidates is equally likely. A caption's image is at each of the N
+    positions with probability 1/N; an image's five captions all miss the top K with probability
+    C(5N - 5, K) / C(5N, K)."""
+    similarity = torch.zeros(n_images, 5 * n_images)
+    metrics = retrieval_metrics(similarity)
+    for k in (1, 5, 10):
+        assert metrics[f"t2i_R@{k}"] == pytest.approx(100.0 * min(k, n_images) / n_images, abs=1e-9)
+        chance = 1 - comb(5 * n_images - 5, k) / comb(5 * n_images, k)
+        assert metrics[f"i2t_R@{k}"] == pytest.approx(100.0 * chance, abs=1e-9)
+    assert metrics["tied_queries"] == 6 * n_images
+    # Pessimistic: every other candidate ranks first (a caption at rank N - 1, an image at 5N - 5); optimistic: rank 0.
+    worst, best = retrieval_metrics(similarity, ties="pessimistic"), retrieval_metrics(similarity, ties="optimistic")
+    for k in (1, 5, 10):
+        assert worst[f"t2i_R@{k}"] == 100.0 * (n_images - 1 < k)
+        assert worst[f"i2t_R@{k}"] == 100.0 * (5 * n_images - 5 < k)
+        assert best[f"t2i_R@{k}"] == best[f"i2t_R@{k}"] == 100.0
 
 
 def test_bad_input_raises():
@@ -104,3 +223,16 @@ def test_bad_input_raises():
         retrieval_metrics(torch.full((2, 10), float("nan")), captions_per_image=5)
     with pytest.raises(ValueError, match="chunk"):
         retrieval_metrics(torch.randn(2, 10), captions_per_image=5, chunk=0)
+    with pytest.raises(ValueError, match="ties"):
+        retrieval_metrics(torch.randn(2, 10), captions_per_image=5, ties="random")
+
+
+def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
+    untied = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    assert evaluate.tie_bounds(untied, retrieval_metrics(untied)) == ""
+    tied = ucm_like(0)
+    metrics = retrieval_metrics(tied)
+    line = evaluate.tie_bounds(tied, metrics)
+    low, high = (retrieval_metrics(tied, ties=rule)["mR"] for rule in ("pessimistic", "optimistic"))
+    assert f"{metrics['tied_queries']} of {sum(tied.shape)} queries" in line
+    assert f"{low:.2f}" in line and f"{high:.2f}" in line and low < metrics["mR"] < high

@@ -85,7 +85,8 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     val = [e for e in entries if e.get("split") == "val" and e["epoch"] > 0]
     assert [e["epoch"] for e in val] == [1, 2]
     for e in val:
-        assert set(e) == {"epoch", "split", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"}
+        assert set(e) == {"epoch", "split", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR",
+                          "tied_queries"}
         assert e["mR"] == pytest.approx(sum(e[k] for k in e if "R@" in k) / 6)
     # The test split is scored only before training and once at the end: it can never choose anything.
     tests = [e for e in entries if e.get("split") == "test"]
