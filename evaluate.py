@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import textwrap
+import time
 
 import torch
 import torch.nn.functional as F
@@ -110,22 +111,41 @@ def autocast(device_type, amp):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def default_amp(device):
-    """bf16 on GPUs that have it; off elsewhere (bf16 on a CPU without bf16 units is far slower than fp32)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 runs several times
+    faster than fp32; without them bf16 is emulated and slower than fp32."""
+    return any(getattr(torch.cpu, query, bool)() for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def similarity(model, images, tokens, device, amp="off", batch_size=128):
-    """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx]."""
-    image_features, text_features = [], []
+def default_amp(device, say=print):
+    """bf16 autocast where the hardware computes bf16 natively (most GPUs; CPUs with AVX512-BF16 or AMX), else fp32.
+    The choice and its reason are said once."""
+    if device.type == "cuda":
+        amp, why = ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("off", "no bf16 on this GPU")
+    elif cpu_has_native_bf16():
+        amp, why = "bf16", "this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)"
+    else:
+        amp, why = "off", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
+    say(f"precision: --amp {amp} ({why}; set --amp to choose)")
+    return amp
+
+
+def similarity(model, images, tokens, device, amp="off", batch_size=128, progress_seconds=10.0):
+    """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx].
+    A progress line at most every `progress_seconds` (a large split on a CPU takes minutes)."""
+    features, said_at = {"images": [], "captions": []}, time.time()
     with torch.no_grad(), autocast(device.type, amp):
-        for i in range(0, len(images), batch_size):
-            batch = data.normalise(images[i:i + batch_size].to(device, non_blocking=True))
-            image_features.append(F.normalize(model.encode_image(batch).float(), dim=-1))
-        for i in range(0, len(tokens), batch_size):
-            batch = clip_min.trim(tokens[i:i + batch_size]).to(device)
-            text_features.append(F.normalize(model.encode_text(batch).float(), dim=-1))
-    return torch.cat(image_features) @ torch.cat(text_features).t()
+        for kind, inputs in (("images", images), ("captions", tokens)):
+            for i in range(0, len(inputs), batch_size):
+                if kind == "images":
+                    embeddings = model.encode_image(data.normalise(inputs[i:i + batch_size].to(device)))
+                else:
+                    embeddings = model.encode_text(clip_min.trim(inputs[i:i + batch_size]).to(device))
+                features[kind].append(F.normalize(embeddings.float(), dim=-1))
+                if time.time() - said_at >= progress_seconds:
+                    print(f"encoded {min(i + batch_size, len(inputs))}/{len(inputs)} {kind}", flush=True)
+                    said_at = time.time()
+    return torch.cat(features["images"]) @ torch.cat(features["captions"]).t()
 
 
 def format_metrics(m):
@@ -231,7 +251,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()
-    # The training run's precision on a GPU; on a CPU fp32, whatever the run used.
+    # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
     amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or default_amp(device)
 
     backbone = load_backbone(clip, dataset, saved.get("seed", 2), device)

@@ -165,11 +165,11 @@ def start(args):
     else:
         device = torch.device("cpu")
         evaluate.keep_freed_memory()
-    args.amp = args.amp or evaluate.default_amp(device)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
         sys.stdout = open(os.devnull, "w")
+    args.amp = args.amp or evaluate.default_amp(device, say=log)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)

@@ -9,6 +9,7 @@ import torch
 
 import clip_min
 import data
+import evaluate
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
@@ -72,10 +73,12 @@ def make_world(root):
 @pytest.fixture
 def exact_cpu(monkeypatch, tmp_path):
     """One CPU thread (the same reduction order in every run, so bit-exact comparisons hold), the CPU also on a GPU
-    machine, and the demo cache in tmp_path (nothing may land in ~/.cache)."""
+    machine, fp32 by default whatever the CPU's bf16 units, and the demo cache in tmp_path (nothing may land in
+    ~/.cache)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
     yield
     torch.set_num_threads(threads)

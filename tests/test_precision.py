@@ -1,0 +1,56 @@
+"""The default precision follows the hardware (bf16 autocast where it is native, fp32 elsewhere), and bf16 autocast
+keeps CLIP's embeddings where fp32 puts them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_min
+import evaluate
+from conftest import VIT_B_32, reference_clip
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "off")])
+def test_cpu_default_follows_the_bf16_units(monkeypatch, native, expected):
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: native)
+    said = []
+    assert evaluate.default_amp(torch.device("cpu"), say=said.append) == expected
+    assert len(said) == 1 and f"--amp {expected}" in said[0]
+    assert ("has bf16 matrix instructions" if native else "slower than fp32") in said[0]
+
+
+def test_the_capability_query_asks_torch(monkeypatch):
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert evaluate.cpu_has_native_bf16() == (avx512_bf16 or amx)
+
+
+def test_bf16_autocast_embeddings_stay_close_to_fp32():
+    """ViT-B/32 with random weights: bf16 autocast moves no image or caption embedding below cosine 0.999."""
+    torch.manual_seed(0)
+    model = clip_min.build_model(reference_clip(VIT_B_32).state_dict()).eval()
+    images = torch.randn(2, 3, 224, 224)
+    tokens = clip_min.trim(clip_min.tokenize(["a river crosses green farmland beside a small town",
+                                              "many planes are parked near the terminal of an airport",
+                                              "a baseball field", "dense residential buildings"]))
+    with torch.no_grad():
+        fp32 = model.encode_image(images), model.encode_text(tokens)
+        with evaluate.autocast("cpu", "bf16"):
+            bf16 = model.encode_image(images), model.encode_text(tokens)
+    for a, b in zip(fp32, bf16):
+        assert b.dtype == torch.bfloat16  # autocast really ran the matrix products in bf16
+        assert F.cosine_similarity(a, b.float(), dim=-1).min() >= 0.999
+
+
+def test_encoding_a_split_says_how_far_it_is(capsys):
+    model = clip_min.CLIP(clip_min.CLIPConfig(embed_dim=16, image_resolution=32, patch_size=16, vision_width=64,
+                                              vision_layers=1, text_width=64, text_layers=1)).eval()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    tokens = clip_min.tokenize([f"caption {i}" for i in range(25)])
+    quiet = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=2)
+    assert capsys.readouterr().out == ""
+    loud = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=2, progress_seconds=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["encoded 2/5 images", "encoded 4/5 images", "encoded 5/5 images"]
+    assert lines[3] == "encoded 2/25 captions" and lines[-1] == "encoded 25/25 captions" and len(lines) == 3 + 13
+    torch.testing.assert_close(loud, quiet, rtol=0, atol=0)
