@@ -15,22 +15,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-# Every method with its options and their defaults (override them as keyword arguments of apply).
-# Sizes put the ViT-B/32 counts near those the paper reports for its baselines where that is natural.
+# Every method with its options and their defaults (override them as keyword arguments of apply). Defaults follow
+# each method's own paper and code; the sizes of adapter, adaptformer and clip_adapter are chosen so that the
+# ViT-B/32 counts come near those PE-RSITR reports for them.
 METHOD_OPTIONS = {
     "zeroshot": {},  # frozen CLIP, nothing trained
     "linear": {},  # linear probe: a linear map on each output embedding, identity at the start
     "full": {},  # full fine-tuning: every CLIP parameter trains
     "mrs": dict(bottleneck=64, dropout=0.5),  # the paper's MRS-Adapter
     "adapter": dict(bottleneck=2),  # Houlsby et al.: serial bottlenecks after attention and after the MLP
-    "adaptformer": dict(bottleneck=5, scale=0.1),  # Chen et al.: a scaled bottleneck beside the MLP
+    # Chen et al.: a scaled bottleneck beside the MLP, reading the residual stream ("stream", as AdaptFormer's
+    # released code does) or the MLP's input LN2(x) ("ln2")
+    "adaptformer": dict(bottleneck=5, scale=0.1, reads="stream"),
     "clip_adapter": dict(reduction=2, alpha=0.2),  # Gao et al.: a residual MLP on each output embedding
-    "coop": dict(n_ctx=4),  # Zhou et al.: learned context tokens in front of every caption
-    "vpt": dict(n_prompts=8, deep=True),  # Jia et al.: learned prompt tokens in the image encoder
-    "lora": dict(rank=4, targets="qv"),  # Hu et al.: low-rank updates of the attention's q, k and/or v
+    "coop": dict(n_ctx=16),  # Zhou et al.: learned context tokens between the start token and the caption
+    "vpt": dict(n_prompts=50, deep=True),  # Jia et al.: learned prompt tokens in the image encoder
+    # Hu et al.: W + (alpha / rank) B A for the q, k and/or v projections; alpha None means 2 x rank
+    "lora": dict(rank=4, alpha=None, targets="qv"),
 }
 METHODS = tuple(METHOD_OPTIONS)
 BLOCK_METHODS = ("mrs", "adapter", "adaptformer", "lora")  # the methods that live inside residual blocks
+VIEW_DROPOUT = 0.2  # the paper's augmented views: element-wise dropout on the encoders' input embeddings
 
 
 class MRSAdapter(nn.Module):
@@ -66,7 +71,7 @@ class MRSAdapter(nn.Module):
             return torch.cat([up(h), self.shared_up(h)], dim=-1)
 
 
-def bottleneck(width, hidden):
+def bottleneck_mlp(width, hidden):
     """Down-projection, ReLU, up-projection; the up-projection and biases start at zero, so it outputs 0."""
     layers = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
     for p in (layers[0].bias, layers[2].weight, layers[2].bias):
@@ -74,62 +79,105 @@ def bottleneck(width, hidden):
     return layers
 
 
-class AdaptedBlock(nn.Module):
-    """A ResidualAttentionBlock with a block-level method attached (the attributes left as None are skipped).
+class BackboneBlock(nn.Module):
+    """Base of the block-level methods: holds the SAME attn, ln_1, mlp and ln_2 objects as the CLIP block it
+    replaces, so names such as visual.transformer.resblocks.0.attn.in_proj_weight are unchanged."""
 
-    It holds the SAME attn, ln_1, mlp and ln_2 objects as the block it replaces, so names such as
-    visual.transformer.resblocks.0.attn.in_proj_weight are unchanged.
-    """
-
-    def __init__(self, block, modality):
+    def __init__(self, block):
         super().__init__()
         self.attn, self.ln_1, self.mlp, self.ln_2 = block.attn, block.ln_1, block.mlp, block.ln_2
-        self.modality = modality
-        self.mrs = None  # (MRSAdapter,): a tuple, so the shared instance is registered once, on the model
-        self.adapter_attn = self.adapter_mlp = None  # Houlsby adapter
-        self.adaptformer, self.adaptformer_scale = None, 0.0
-        self.lora_a = self.lora_b = None  # LoRA: [targets, rank, width] and [targets, width, rank]
-        self.lora_targets = ""
+        self.width = block.ln_1.normalized_shape[0]
 
-    def attention(self, x):
-        if self.lora_b is None:
-            return self.attn(x)
-        # LoRA: in_proj_weight holds q, k and v stacked; add B @ A to the targeted ones and run the
-        # backbone's own attention with that weight (B starts at zero, so the weight starts unchanged).
-        updates, zero = iter(self.lora_b @ self.lora_a), self.lora_a.new_zeros(x.shape[-1], x.shape[-1])
-        delta = torch.cat([next(updates) if part in self.lora_targets else zero for part in "qkv"])
-        weight = self.attn.in_proj_weight + delta.to(self.attn.in_proj_weight.dtype)
-        return functional_call(self.attn, {"in_proj_weight": weight}, (x,))
+
+class MRSBlock(BackboneBlock):
+    """PE-RSITR: the one MRS-Adapter shared by every block of both encoders, beside the MLP."""
+
+    def __init__(self, block, shared_adapter, modality):
+        super().__init__(block)
+        # A plain call, not a submodule: the one MRSAdapter is registered once, as model.mrs_adapter, and a
+        # checkpoint stores it once instead of once per block.
+        self.shared_adapter = functools.partial(shared_adapter, modality=modality)
 
     def forward(self, x):
-        h = self.attention(self.ln_1(x))
-        if self.adapter_attn is not None:
-            h = h + self.adapter_attn(h)
-        x = x + h
+        # x = x + Attn(LN1(x));  x = x + MLP(LN2(x)) + Adapter(x)   (the adapter reads the residual stream)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x)) + self.shared_adapter(x).to(x.dtype)
+
+
+class HoulsbyBlock(BackboneBlock):
+    """Houlsby et al.: h + Adapter(h) for the output h of attention and of the MLP, inside each residual."""
+
+    def __init__(self, block, hidden):
+        super().__init__(block)
+        self.adapter_attn, self.adapter_mlp = bottleneck_mlp(self.width, hidden), bottleneck_mlp(self.width, hidden)
+
+    def forward(self, x):
+        h = self.attn(self.ln_1(x))
+        x = x + (h + self.adapter_attn(h))
+        h = self.mlp(self.ln_2(x))
+        return x + (h + self.adapter_mlp(h))
+
+
+class AdaptFormerBlock(BackboneBlock):
+    """Chen et al.: x = x + Attn(LN1(x));  x = x + MLP(LN2(x)) + scale * Adapter(x, or LN2(x) if reads="ln2")."""
+
+    def __init__(self, block, hidden, scale, reads):
+        super().__init__(block)
+        self.adaptformer, self.scale, self.reads = bottleneck_mlp(self.width, hidden), scale, reads
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         y = self.ln_2(x)
-        h = self.mlp(y)
-        if self.adapter_mlp is not None:
-            h = h + self.adapter_mlp(h)
-        out = x + h
-        if self.adaptformer is not None:
-            out = out + self.adaptformer_scale * self.adaptformer(y)
-        if self.mrs is not None:  # x = x + MLP(LN2(x)) + Adapter(x): the adapter reads the residual stream
-            out = out + self.mrs[0](x, self.modality).to(x.dtype)
-        return out
+        return x + self.mlp(y) + self.scale * self.adaptformer(y if self.reads == "ln2" else x)
+
+
+class LoRABlock(BackboneBlock):
+    """Hu et al.: the targeted attention projections W (of q, k, v) become W + (alpha / rank) B A."""
+
+    def __init__(self, block, targets, rank, alpha):
+        super().__init__(block)
+        self.lora_a = nn.Parameter(torch.empty(len(targets), rank, self.width))  # one A and one B per target
+        for a in self.lora_a:  # each A as nn.Linear draws its weight: Kaiming-uniform, a = sqrt(5)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(len(targets), self.width, rank))
+        self.targets, self.scale = targets, alpha / rank
+
+    def forward(self, x):
+        # in_proj_weight holds q, k and v stacked; add the updates to the targeted ones and run the backbone's
+        # own attention with that weight (B starts at zero, so the weight starts unchanged).
+        updates, zero = iter(self.scale * (self.lora_b @ self.lora_a)), self.lora_a.new_zeros(self.width, self.width)
+        delta = torch.cat([next(updates) if part in self.targets else zero for part in "qkv"])
+        weight = self.attn.in_proj_weight + delta.to(self.attn.in_proj_weight.dtype)
+        x = x + functional_call(self.attn, {"in_proj_weight": weight}, (self.ln_1(x),))
+        return x + self.mlp(self.ln_2(x))
+
+
+def adapted_block(model, block, modality, method, options):
+    """The replacement of one CLIP block for a block-level method."""
+    if method == "mrs":
+        return MRSBlock(block, model.mrs_adapter, modality)
+    if method == "adapter":
+        return HoulsbyBlock(block, options["bottleneck"])
+    if method == "adaptformer":
+        return AdaptFormerBlock(block, options["bottleneck"], options["scale"], options["reads"])
+    return LoRABlock(block, options["targets"], options["rank"], options["alpha"])
 
 
 class PromptedTransformer(nn.Module):
-    """A tower's transformer with learned tokens inserted right after token 0 (class / start-of-text token).
+    """VPT: the image transformer with learned tokens inserted right after the class token.
 
     The tokens are removed again after the last block, so every other token is back at its own index and
     pooling reads what it always reads. deep=True gives each block fresh tokens (VPT-deep); otherwise the
-    first block's inputs flow on (VPT-shallow, CoOp).
+    first block's inputs flow on (VPT-shallow).
     """
 
-    def __init__(self, transformer, n_tokens, deep):
+    def __init__(self, transformer, n_tokens, deep, patch_area):
         super().__init__()
         self.width, self.resblocks = transformer.width, transformer.resblocks  # same objects, same names
-        self.prompts = nn.Parameter(torch.randn(len(self.resblocks) if deep else 1, n_tokens, self.width) * 0.02)
+        # VPT's initialisation: uniform, with the Xavier bound of a layer from a 3-channel patch to the prompt width.
+        bound = math.sqrt(6 / (3 * patch_area + self.width))
+        prompts = torch.empty(len(self.resblocks) if deep else 1, n_tokens, self.width)
+        self.prompts = nn.Parameter(prompts.uniform_(-bound, bound))
 
     def forward(self, x):
         n = self.prompts.shape[1]
@@ -139,6 +187,28 @@ class PromptedTransformer(nn.Module):
                 x = torch.cat([x[:, :1], prompts, x[:, 1 + (n if i else 0):]], dim=1)
             x = block(x)
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+
+
+def coop_layout(model, tokens):
+    """Token ids in CoOp's layout "start X .. X caption end": a placeholder (id 0) per context vector after the
+    start token, the caption shifted right by as many. A caption that no longer fits in the context length loses
+    its last words, and its end token (the highest id, where pooling reads) takes the last position."""
+    n_ctx, length = len(model.coop_context), len(model.positional_embedding)
+    rows, ends = torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)
+    laid = torch.cat([tokens[:, :1], tokens.new_zeros(len(tokens), n_ctx), tokens[:, 1:]], dim=1)[:, :length]
+    laid[rows, (ends + n_ctx).clamp(max=length - 1)] = tokens[rows, ends]
+    return laid
+
+
+def coop_embed_text(model, tokens):
+    """CoOp's prompt: the learned context takes the placeholders' places, then positions are added to it all."""
+    x, ctx = model.token_embedding(coop_layout(model, tokens)), model.coop_context
+    x = torch.cat([x[:, :1], ctx.to(x.dtype).expand(len(x), -1, -1), x[:, 1 + len(ctx):]], dim=1)
+    return x + model.positional_embedding[: x.shape[1]]
+
+
+def coop_pool_text(model, x, tokens):
+    return type(model).pool_text(model, x, coop_layout(model, tokens))  # the end token, where the layout put it
 
 
 class ClipAdapterHead(nn.Module):
@@ -179,20 +249,24 @@ def identity_linear(dim):
     return layer
 
 
-def attach_to_block(model, block, method, options):
-    width, hidden = block.ln_1.normalized_shape[0], options.get("bottleneck")
-    if method == "mrs":
-        block.mrs = (model.mrs_adapter,)
-    elif method == "adapter":
-        block.adapter_attn, block.adapter_mlp = bottleneck(width, hidden), bottleneck(width, hidden)
-    elif method == "adaptformer":
-        block.adaptformer, block.adaptformer_scale = bottleneck(width, hidden), options["scale"]
-    elif method == "lora":
-        targets, rank = options["targets"], options["rank"]
-        block.lora_a = nn.Parameter(torch.empty(len(targets), rank, width))
-        for a in block.lora_a:  # each A as nn.Linear draws its weight: Kaiming-uniform, a = sqrt(5)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        block.lora_b, block.lora_targets = nn.Parameter(torch.zeros(len(targets), width, rank)), targets
+def checked_options(method, options):
+    """The method's defaults overridden by `options`, validated; LoRA's targets in q, k, v order, its alpha set."""
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options (with defaults) are "
+                         f"{METHOD_OPTIONS[method] or 'none'}")
+    options = {**METHOD_OPTIONS[method], **options}
+    if method == "lora":
+        targets = options["targets"]
+        if not targets or set(targets) - set("qkv") or len(set(targets)) != len(targets):
+            raise ValueError(f"lora targets must be a non-empty subset of 'qkv' (like 'qv'), got {targets!r}")
+        options["targets"] = "".join(part for part in "qkv" if part in targets)
+        options["alpha"] = 2 * options["rank"] if options["alpha"] is None else options["alpha"]
+    if method == "adaptformer" and options["reads"] not in ("stream", "ln2"):
+        raise ValueError(f"adaptformer reads 'stream' (the residual stream) or 'ln2', got {options['reads']!r}")
+    return options
 
 
 def apply(model, method="mrs", **options):
@@ -201,21 +275,13 @@ def apply(model, method="mrs", **options):
     The model's encode_image / encode_text then include the method. The method's name and options are kept
     in model.petl_method and model.petl_options (all a checkpoint needs to rebuild it).
     """
-    if method not in METHOD_OPTIONS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options (with defaults) are "
-                         f"{METHOD_OPTIONS[method] or 'none'}")
+    options = checked_options(method, options)
     if hasattr(model, "petl_method"):
         raise ValueError(f"this model already has {model.petl_method!r} attached; apply a method to a fresh model")
-    options = {**METHOD_OPTIONS[method], **options}
-    if method == "lora":
-        targets = options["targets"]
-        if not targets or set(targets) - set("qkv") or len(set(targets)) != len(targets):
-            raise ValueError(f"lora targets must be a non-empty subset of 'qkv' (like 'qv'), got {targets!r}")
-        options["targets"] = "".join(part for part in "qkv" if part in targets)
-    device = model.text_projection.device
+    device, context_length = model.text_projection.device, len(model.positional_embedding)
+    if method == "coop" and not 0 < options["n_ctx"] <= context_length - 2:
+        raise ValueError(f"coop n_ctx must leave room for the start and end tokens in the context of "
+                         f"{context_length}, got {options['n_ctx']}")
     model.requires_grad_(method == "full")  # new parameters created below are trainable by default
 
     if method == "mrs":
@@ -223,26 +289,24 @@ def apply(model, method="mrs", **options):
     if method in BLOCK_METHODS:
         for modality, tower in (("image", model.visual.transformer), ("text", model.transformer)):
             for i, block in enumerate(tower.resblocks):
-                tower.resblocks[i] = AdaptedBlock(block, modality)
-                attach_to_block(model, tower.resblocks[i], method, options)
+                tower.resblocks[i] = adapted_block(model, block, modality, method, options)
     elif method == "linear":
         add_output_heads(model, identity_linear)
     elif method == "clip_adapter":
         add_output_heads(model, lambda dim: ClipAdapterHead(dim, options["reduction"], options["alpha"]))
     elif method == "vpt":
-        model.visual.transformer = PromptedTransformer(model.visual.transformer, options["n_prompts"], options["deep"])
-    elif method == "coop":
-        # CoOp's learned context goes between the start token and the caption, in sequence order: the
-        # caption's tokens keep the positional embeddings embed_text gave them (the context is learned, it
-        # needs none), and the context is cut out after the last block, so the end token is back at
-        # text.argmax(-1), where pool_text reads it: no index needs shifting, exactly.
-        model.transformer = PromptedTransformer(model.transformer, options["n_ctx"], deep=False)
+        model.visual.transformer = PromptedTransformer(model.visual.transformer, options["n_prompts"],
+                                                       options["deep"], math.prod(model.visual.conv1.kernel_size))
+    elif method == "coop":  # CoOp's generic context: N(0, 0.02); this instance's text embedding and pooling change
+        model.coop_context = nn.Parameter(torch.randn(options["n_ctx"], model.transformer.width) * 0.02)
+        model.embed_text = functools.partial(coop_embed_text, model)
+        model.pool_text = functools.partial(coop_pool_text, model)
     model.to(device).train(model.training)  # new modules take the model's device and train/eval mode
     model.petl_method, model.petl_options = method, options
     return model
 
 
-def encode_views(model, images, tokens, p=0.2):
+def encode_views(model, images, tokens, p=VIEW_DROPOUT):
     """Clean and augmented embeddings of a batch in ONE pass: (image, text, image_aug, text_aug).
 
     The paper's augmented views: element-wise dropout (p) on each frozen encoder's input embeddings (the image

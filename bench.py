@@ -92,8 +92,8 @@ class ReleasedPath(nn.Module):
 
     def step(self, optimizer, images, tokens, margin=0.2):
         """Four passes (clean and augmented, image and text), HMMC, backward, Adam. Returns the loss."""
-        image, image_aug = self.encode_image(images, 0.0), self.encode_image(images, 0.2)
-        text, text_aug = self.encode_text(tokens, 0.0), self.encode_text(tokens, 0.2)
+        image, image_aug = self.encode_image(images, 0.0), self.encode_image(images, adapter.VIEW_DROPOUT)
+        text, text_aug = self.encode_text(tokens, 0.0), self.encode_text(tokens, adapter.VIEW_DROPOUT)
         loss, _ = losses.hmmc(image.float(), text.float(), image_aug.float(), text_aug.float(), margin=margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,9 +150,9 @@ def timed(fn, warmup, iters, device):
     return (time.perf_counter() - start) / iters
 
 
-def matmul_gflops():
-    """The CPU's own fp32 rate, on a product about the size of our layers' products: the yardstick of `eff`."""
-    a = torch.randn(2048, 2048)
+def matmul_gflops(dtype=torch.float32):
+    """The CPU's own rate in `dtype`, on a product about the size of our layers' products: the yardstick of `eff`."""
+    a = torch.randn(2048, 2048).to(dtype)
     return 2 * 2048 ** 3 / timed(lambda: a @ a, 1, 3, torch.device("cpu")) / 1e9
 
 
@@ -230,7 +230,7 @@ def run(paths, opts, batch):
     """Time every part of every path, each path in its own process, the paths taking turns round by round.
 
     Turns make the paths' timings neighbours in time, so a round's ratio reads the machine at one speed. On
-    the CPU, whose speed drifts on a shared machine, its fp32 matmul rate is probed between turns.
+    the CPU, whose speed drifts on a shared machine, its matmul rate in each path's precision is probed between turns.
     """
     context, workers = get_context("spawn"), {}
     for path in paths:
@@ -240,6 +240,9 @@ def run(paths, opts, batch):
         child.close()  # the worker's end, now the worker's alone: its death then ends the parent's recv()
         workers[path] = (process, conn)
     cpu = opts.device == "cpu"
+    # The precision each path's matrix products run in: ours under --amp, the released path in fp32 on a CPU.
+    dtypes = {path: torch.bfloat16 if path == "ours" and opts.amp == "bf16" else torch.float32 for path in paths}
+    probe_all = lambda: {dtype: matmul_gflops(dtype) for dtype in set(dtypes.values())}  # noqa: E731
     try:
         parts = {path: conn.recv() for path, (_, conn) in workers.items()}
         results = {path: {} for path in paths}
@@ -247,14 +250,14 @@ def run(paths, opts, batch):
             for _, conn in workers.values():  # warm-up, in turn
                 conn.send(True)
                 conn.recv()
-            probe, rates = matmul_gflops() if cpu else None, {path: [] for path in paths}
+            probe, rates = probe_all() if cpu else None, {path: [] for path in paths}
             for _ in range(opts.rounds):
                 for path in paths:
                     workers[path][1].send(True)
                     workers[path][1].recv()
                     if cpu:  # the turn's matmul rate: the faster of the probes just before and after it
-                        previous, probe = probe, matmul_gflops()
-                        rates[path].append(max(previous, probe))
+                        previous, probe = probe, probe_all()
+                        rates[path].append(max(previous[dtypes[path]], probe[dtypes[path]]))
             for path, (_, conn) in workers.items():
                 conn.send(False)
                 results[path][part] = summary(conn.recv(), rates[path])
@@ -298,7 +301,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="the baseline exists for mrs only")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="[CPU: 16; CUDA: 16 128]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 on CUDA, off on CPU]")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 on CUDA and on CPUs with bf16 units, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    help="torch.compile our encoder, as train.py --compile does; MODE reduce-overhead adds CUDA graphs")
     p.add_argument("--warmup", type=int, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
@@ -311,8 +314,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
-    for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("amp", "off", "bf16"), ("warmup", 1, 5),
-                                  ("iters", 1, 20), ("test_images", 4, 512)):
+    for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("warmup", 1, 5), ("iters", 1, 20),
+                                  ("test_images", 4, 512)):
         if getattr(opts, name) is None:
             setattr(opts, name, on_cuda if opts.device.startswith("cuda") else on_cpu)
     if min(opts.batch_sizes) < 2 or min(opts.iters, opts.rounds, opts.test_images) < 1 or opts.warmup < 0:
@@ -325,6 +328,7 @@ def main(argv=None):
     opts = parse_args(argv)
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
+    opts.amp = opts.amp or evaluate.default_amp(device, say=say)
     report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),
                   flops=FLOPS_NOTE, results={})
     if device.type == "cuda":  # eff: model FLOP utilisation
@@ -334,7 +338,10 @@ def main(argv=None):
         say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
     else:
         say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}; eff below: useful FLOP rate / "
-            "the faster of two fp32 2048^3 matmul rates measured just before and after that line's timing (mm GFLOP/s)")
+            "the faster of two 2048^3 matmul rates, in the precision that path's products run in (ours: --amp; "
+            "released: fp32), measured just before and after that line's timing (mm GFLOP/s)")
+        report["matmul_gflops"] = {"fp32": matmul_gflops(), "bf16": matmul_gflops(torch.bfloat16)}
+        say("matmul 2048^3: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s".format(**report["matmul_gflops"]))
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up steps, then {opts.rounds} rounds of {opts.iters} timed steps, the paths in turn; "
         f"medians over rounds\n{FLOPS_NOTE}")

@@ -1,5 +1,6 @@
-"""adapter.py: the MRS-Adapter's structure, counts and fp32 path, the released-weight import, the augmented
-views, and for every PETL method: it trains only its own parameters, changes the output, and round-trips."""
+"""adapter.py: the MRS-Adapter's structure, counts, fp32 path and dropout, the released-weight import, the augmented
+views, each baseline's formula against a direct computation, and for every PETL method: it trains only its own
+parameters, changes the output, and round-trips."""
 import copy
 import math
 
@@ -16,7 +17,8 @@ SMALL = clip_min.CLIPConfig(embed_dim=48, image_resolution=32, patch_size=16, vi
 VIT_B_32 = clip_min.CLIPConfig()  # the defaults are OpenAI's ViT-B/32
 IDENTITY_AT_INIT = ("zeroshot", "linear", "full", "mrs", "adapter", "adaptformer", "lora")
 # (method, options) pairs: every method, plus the non-default variants worth covering.
-CASES = [(m, {}) for m in adapter.METHODS] + [("vpt", {"deep": False}), ("lora", {"rank": 2, "targets": "kqv"})]
+CASES = [(m, {}) for m in adapter.METHODS] + [("vpt", {"deep": False}), ("adaptformer", {"reads": "ln2"}),
+                                              ("lora", {"rank": 2, "alpha": 1, "targets": "kqv"})]
 CASE_IDS = [m + "".join(f"-{k}={v}" for k, v in o.items()) for m, o in CASES]
 
 
@@ -107,6 +109,11 @@ def test_vit_b32_counts_and_backbone_names(method, options, monkeypatch):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
+def test_paper_counts_of_the_defaults(monkeypatch):
+    counts = {m: adapter.count_trainable(adapter.apply(meta_vit_b32(monkeypatch), m)) for m in ("mrs", "vpt", "coop")}
+    assert counts == {"mrs": 161_088, "vpt": 12 * 50 * 768, "coop": 16 * 512}  # VPT: the paper's 0.46M
+
+
 def test_mrs_structure_and_checkpoint_size(monkeypatch, tmp_path):
     model = adapter.apply(meta_vit_b32(monkeypatch), "mrs")
     mrs = model.mrs_adapter
@@ -117,7 +124,7 @@ def test_mrs_structure_and_checkpoint_size(monkeypatch, tmp_path):
                       "shared_up.bias": (64,)}
     assert mrs.dropout.p == 0.5
     blocks = list(model.visual.transformer.resblocks) + list(model.transformer.resblocks)
-    assert len(blocks) == 24 and all(block.mrs[0] is mrs for block in blocks)  # one shared instance
+    assert len(blocks) == 24 and all(block.shared_adapter.func is mrs for block in blocks)  # one shared instance
     mrs.to_empty(device="cpu")  # real storage for the adapter only; the frozen backbone stays on meta
     state = adapter.trainable_state_dict(model)
     assert sorted(state) == sorted("mrs_adapter." + name for name in shapes)  # each tensor once, not 24 times
@@ -182,6 +189,26 @@ def test_mrs_runs_in_fp32_under_autocast():
     assert dtypes == {name: {torch.float32} for name in dtypes} and len(dtypes) == 6
 
 
+def test_mrs_dropout_is_active_in_training_only():
+    model, (images, tokens) = adapter.apply(small_model(), "mrs"), batch()
+    randomize_trainable(model)  # non-zero up-projections, so the dropped activations reach the output
+    seen = []
+    model.mrs_adapter.dropout.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    for training in (True, False):
+        model.train(training)
+        first, second = encode(model, images, tokens), encode(model, images, tokens)
+        assert all(torch.equal(a, b) != training for a, b in zip(first, second))
+        hidden, dropped = torch.cat([h.flatten() for h, _ in seen]), torch.cat([d.flatten() for _, d in seen])
+        active = hidden != 0  # after the ReLU
+        kept = dropped[active] != 0
+        if training:  # p = 0.5: about half of the thousands of active entries dropped, the rest scaled by 2
+            assert 0.45 < kept.float().mean() < 0.55
+            torch.testing.assert_close(dropped[active][kept], 2 * hidden[active][kept])
+        else:
+            assert torch.equal(dropped, hidden)
+        seen.clear()
+
+
 @pytest.mark.parametrize("method", IDENTITY_AT_INIT)
 def test_identity_at_init(method):
     base, (images, tokens) = small_model(), batch()
@@ -206,12 +233,12 @@ def test_encode_views_eval_mode_equals_encode(method, options):
     torch.testing.assert_close(encode(model, images, full_context)[1], clean_text, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, options", [("coop", {}), ("vpt", {}), ("vpt", {"deep": False})])
-def test_prompts_compute_the_formula(method, options):
-    """Learned tokens right after token 0, fresh ones before every block for VPT-deep, pooled where CLIP pools."""
+@pytest.mark.parametrize("options", [{}, {"deep": False}])
+def test_vpt_computes_the_formula(options):
+    """Learned tokens right after the class token, fresh ones before every block for VPT-deep, then removed."""
     base, (images, tokens) = small_model(), batch()
-    model = adapter.apply(copy.deepcopy(base), method, **options)
-    prompts = (model.transformer if method == "coop" else model.visual.transformer).prompts.detach()
+    model = adapter.apply(copy.deepcopy(base), "vpt", **options)
+    prompts = model.visual.transformer.prompts.detach()
     n = prompts.shape[1]
 
     def naive_tower(blocks, x):
@@ -220,17 +247,85 @@ def test_prompts_compute_the_formula(method, options):
             if 0 < i < len(prompts):
                 x = torch.cat([x[:, :1], prompts[i].expand(len(x), -1, -1), x[:, 1 + n:]], dim=1)
             x = block(x)
+        return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+
+    with torch.no_grad():
+        expected = base.visual.pool(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images)))
+    torch.testing.assert_close(encode(model, images, tokens)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vpt_init():
+    """VPT's official initialisation: uniform in +-sqrt(6 / (3 x patch area + width))."""
+    prompts = adapter.apply(small_model(), "vpt").visual.transformer.prompts.detach()
+    assert prompts.shape == (SMALL.vision_layers, 50, SMALL.vision_width)
+    bound = math.sqrt(6 / (3 * SMALL.patch_size ** 2 + SMALL.vision_width))
+    assert prompts.abs().max() <= bound
+    assert abs(prompts.std() / (bound / math.sqrt(3)) - 1) < 0.05  # a uniform's spread, over 12,800 values
+
+
+def test_coop_computes_the_formula():
+    """CoOp's sequence [start, context, caption, end]: positions added over all of it, the feature read at the
+    end token; a caption too long to follow the context loses its last words but keeps its end token."""
+    base, (images, short) = small_model(), batch()
+    model = adapter.apply(copy.deepcopy(base), "coop")
+    randomize_trainable(model)
+    ctx = model.coop_context.detach()
+    assert ctx.shape == (16, SMALL.text_width)
+    start, end = SMALL.vocab_size - 2, SMALL.vocab_size - 1
+    long = torch.tensor([[start, *torch.randint(1, start, (70,)).tolist(), end]])
+    tokens = torch.cat([F.pad(short, (0, long.shape[1] - short.shape[1])), long])  # 1 + 70 + 1 + 16 > 77
+
+    def naive(row):
+        ids = row[: row.argmax() + 1]
+        words = ids[1:-1][: SMALL.context_length - 2 - len(ctx)]
+        x = torch.cat([base.token_embedding(ids[:1]), ctx, base.token_embedding(words), base.token_embedding(ids[-1:])])
+        x = base.transformer((x + base.positional_embedding[: len(x)])[None])
+        return base.ln_final(x[0, -1]) @ base.text_projection
+
+    with torch.no_grad():
+        expected = torch.stack([naive(row) for row in tokens])
+    torch.testing.assert_close(encode(model, images, tokens)[1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("adapter", {}), ("adaptformer", {}), ("adaptformer", {"reads": "ln2"}),
+                                             ("lora", {}), ("lora", {"rank": 2, "alpha": 1, "targets": "kqv"})])
+def test_block_methods_compute_their_formula(method, options):
+    base, (images, tokens) = small_model(), batch()
+    model = adapter.apply(copy.deepcopy(base), method, **options)
+    randomize_trainable(model)
+    o = {**adapter.METHOD_OPTIONS[method], **options}
+
+    def naive_block(b, ours, x):  # b: the frozen CLIP block, ours: the adapted one (for the method's weights)
+        if method == "adapter":  # h + Adapter(h) for each sublayer's output h
+            h = b.attn(b.ln_1(x))
+            x = x + h + ours.adapter_attn(h)
+            h = b.mlp(b.ln_2(x))
+            return x + h + ours.adapter_mlp(h)
+        if method == "adaptformer":  # x + MLP(LN2(x)) + s * Adapter(x or LN2(x))
+            x = x + b.attn(b.ln_1(x))
+            reads = options.get("reads", "stream")  # by default the residual stream, as AdaptFormer's code reads
+            return x + b.mlp(b.ln_2(x)) + o["scale"] * ours.adaptformer(b.ln_2(x) if reads == "ln2" else x)
+        rank, alpha = o["rank"], options.get("alpha", 2 * o["rank"])  # LoRA: W + (alpha / rank) B A
+        attn, width = copy.deepcopy(b.attn), x.shape[-1]
+        for a, b_, part in zip(ours.lora_a, ours.lora_b, sorted(o["targets"], key="qkv".index)):
+            start = "qkv".index(part) * width
+            attn.in_proj_weight[start:start + width] += alpha / rank * b_ @ a
+        x = x + attn(b.ln_1(x))
+        return x + b.mlp(b.ln_2(x))
+
+    def naive_tower(frozen, adapted, x):
+        for b, ours in zip(frozen.resblocks, adapted.resblocks):
+            x = naive_block(b, ours, x)
         return x
 
     with torch.no_grad():
-        if method == "coop":  # the end token now sits n places further right
-            x = naive_tower(base.transformer.resblocks, base.embed_text(tokens))
-            end = x[torch.arange(len(x)), tokens.argmax(dim=-1) + n]
-            expected = base.ln_final(end) @ base.text_projection
-        else:
-            expected = base.visual.pool(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images)))
-    ours = encode(model, images, tokens)[0 if method == "vpt" else 1]
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        image = base.visual.pool(naive_tower(base.visual.transformer, model.visual.transformer,
+                                             base.visual.embed(images)))
+        text = base.pool_text(naive_tower(base.transformer, model.transformer, base.embed_text(tokens)), tokens)
+    ours, frozen = encode(model, images, tokens), encode(base, images, tokens)
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(ours, frozen))
+    torch.testing.assert_close(ours[0], image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], text, rtol=1e-5, atol=1e-5)
 
 
 def test_encode_views_train_mode():
@@ -238,7 +333,7 @@ def test_encode_views_train_mode():
     # The augmented half is the encoders run on dropout(p) of the embeddings (after ln_pre / token + position).
     model = adapter.apply(small_model(), "zeroshot").train()
     torch.manual_seed(5)
-    views = adapter.encode_views(model, images, tokens, p=0.2)
+    views = adapter.encode_views(model, images, tokens)  # by default the paper's p = 0.2
     torch.manual_seed(5)
     with torch.no_grad():
         image_aug = model.visual.pool(model.visual.transformer(F.dropout(model.visual.embed(images), 0.2)))
@@ -329,6 +424,10 @@ def test_apply_rejects_bad_arguments():
         adapter.apply(small_model(), "zeroshot", scale=1)
     with pytest.raises(ValueError, match="subset of 'qkv'"):
         adapter.apply(small_model(), "lora", targets="qo")
+    with pytest.raises(ValueError, match="reads 'stream'.*'ln2', got 'x'"):
+        adapter.apply(small_model(), "adaptformer", reads="x")
+    with pytest.raises(ValueError, match="n_ctx must leave room.*76"):
+        adapter.apply(small_model(), "coop", n_ctx=76)
     with pytest.raises(ValueError, match="already has 'mrs'"):
         adapter.apply(adapter.apply(small_model(), "mrs"), "lora")
 

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import adapter
 import bench
 import clip_min
+import evaluate
 import train
 
 
@@ -62,7 +63,8 @@ def test_main_prints_json(capsys):
     assert printed == json.loads(json.dumps(report))
     expected = {"model", "method", "device", "amp", "flops", "max_abs_diff", "input", "results"}
     assert expected <= set(printed)
-    assert printed["amp"] == "off"  # bf16 is never the CPU default
+    assert printed["amp"] == evaluate.default_amp(torch.device("cpu"), say=lambda line: None)  # the CPU's best
+    assert printed["matmul_gflops"]["fp32"] > 0 and printed["matmul_gflops"]["bf16"] > 0
     assert max(printed["max_abs_diff"].values()) < 1e-5
     row = printed["results"]["4"]
     for path in ("ours", "released"):

@@ -214,7 +214,7 @@ def test_every_method_trains(world, tmp_path, method):
         assert json.load(f) == result
     entries = read_metrics(out)
     if method == "zeroshot":  # nothing to train: the frozen model's test numbers, no checkpoints
-        assert sorted(os.listdir(out)) == ["metrics.jsonl", "test.json"]
+        assert sorted(os.listdir(out)) == ["metrics.jsonl", "test.json", "val_images.txt"]
         assert {k: v for k, v in entries[1].items() if k not in ("split", "epoch")} == result
         return
     _, start = initial_trainable(world, method)
