@@ -186,6 +186,7 @@ def prepare(path, opts, batch):
         train_fn = lambda: model.step(optimizer, images, tokens)  # noqa: E731
         encode_fn = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
     else:
+        train.keep_frozen_weights_in(model, opts.amp)  # as train.py does
         encoder = train.ViewsEncoder(model)
         encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
         args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)

@@ -54,3 +54,40 @@ def test_encoding_a_split_says_how_far_it_is(capsys):
     assert lines[:3] == ["encoded 2/5 images", "encoded 4/5 images", "encoded 5/5 images"]
     assert lines[3] == "encoded 2/25 captions" and lines[-1] == "encoded 25/25 captions" and len(lines) == 3 + 13
     torch.testing.assert_close(loud, quiet, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["mrs", "lora", "vpt"])
+def test_frozen_weights_kept_in_bf16_change_no_result(method):
+    """Storing the frozen matmul weights in bf16 once gives bit-identical bf16 training steps: the same rounding
+    autocast made at every call."""
+    import argparse
+    import copy
+
+    import adapter
+    import train
+    config = clip_min.CLIPConfig(embed_dim=32, image_resolution=32, patch_size=16, vision_width=128, vision_layers=2,
+                                 text_width=128, text_layers=2)
+    torch.manual_seed(0)
+    base = adapter.apply(clip_min.CLIP(config), method)
+    for p in adapter.trainable_state_dict(base).values():
+        torch.nn.init.normal_(p, std=0.05)  # up-projections are zero at the start: make every path matter
+    images, tokens = torch.randn(4, 3, 32, 32), clip_min.tokenize(["a red roof", "two ships", "a river", "farmland"])
+    args = argparse.Namespace(amp="bf16", loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+    results = []
+    for keep in (False, True):
+        model = copy.deepcopy(base)
+        if keep:
+            train.keep_frozen_weights_in(model, "bf16")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        torch.manual_seed(1)
+        terms = train.train_step(train.ViewsEncoder(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                 images, tokens, None, args)
+        results.append((model, terms["loss"]))
+    (plain, plain_loss), (kept, kept_loss) = results
+    assert torch.equal(plain_loss, kept_loss)
+    for (name, a), b in zip(adapter.trainable_state_dict(plain).items(), adapter.trainable_state_dict(kept).values()):
+        assert torch.equal(a, b), name
+    block = kept.visual.transformer.resblocks[0]
+    assert block.mlp.c_fc.weight.dtype == kept.visual.conv1.weight.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == kept.positional_embedding.dtype == torch.float32  # read outside matmuls
+    assert block.attn.in_proj_weight.dtype == (torch.float32 if method == "lora" else torch.bfloat16)
