@@ -1,4 +1,5 @@
-"""A minimal CLIP that loads OpenAI's released ViT checkpoints and computes what OpenAI's code computes.
+"""A minimal CLIP that loads OpenAI's released ViT checkpoints and computes what OpenAI's code computes; it also loads
+open_clip state_dicts and Hugging Face CLIP folders (activation="gelu" for models trained with the exact GELU).
 
     model, preprocess = clip_min.load("ViT-B/32")
     logits_per_image, logits_per_text = model(images, clip_min.tokenize(["a river", "a runway"]))

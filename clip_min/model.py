@@ -5,7 +5,9 @@ strict=True and no renaming. Two deliberate differences from OpenAI's clip/model
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
 scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
 """
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,11 @@ class CLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     # heads are always width // 64 in OpenAI's ViT models
+    activation: str = "quick_gelu"  # OpenAI trained with QuickGELU; many open_clip models with the exact GELU ("gelu")
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
 class QuickGELU(nn.Module):
@@ -32,6 +39,10 @@ class QuickGELU(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+# Part of the architecture, not of the weights: a state_dict cannot tell which one a model was trained with.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 class Attention(nn.Module):
@@ -56,10 +67,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width):
+    def __init__(self, width, activation):
         super().__init__()
         self.c_fc = nn.Linear(width, 4 * width)
-        self.gelu = QuickGELU()
+        self.gelu = ACTIVATIONS[activation]()
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
@@ -69,11 +80,11 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
 
-    def __init__(self, width, heads, causal=False):
+    def __init__(self, width, heads, causal=False, activation="quick_gelu"):
         super().__init__()
         self.attn = Attention(width, heads, causal)
         self.ln_1 = nn.LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, activation)
         self.ln_2 = nn.LayerNorm(width)
 
     def forward(self, x):
@@ -82,24 +93,25 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, causal):
+    def __init__(self, width, layers, causal, activation="quick_gelu"):
         super().__init__()
         self.width = width
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, width // 64, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, width // 64, causal, activation)
+                                         for _ in range(layers)])
 
     def forward(self, x):
         return self.resblocks(x)
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, resolution, patch_size, width, layers, output_dim):
+    def __init__(self, resolution, patch_size, width, layers, output_dim, activation="quick_gelu"):
         super().__init__()
         self.input_resolution = resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty((resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, causal=False)
+        self.transformer = Transformer(width, layers, causal=False, activation=activation)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
@@ -122,8 +134,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.visual = VisionTransformer(config.image_resolution, config.patch_size, config.vision_width,
-                                        config.vision_layers, config.embed_dim)
-        self.transformer = Transformer(config.text_width, config.text_layers, causal=True)
+                                        config.vision_layers, config.embed_dim, config.activation)
+        self.transformer = Transformer(config.text_width, config.text_layers, causal=True, activation=config.activation)
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
         self.ln_final = nn.LayerNorm(config.text_width)
@@ -172,15 +184,31 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
+def unsupported_key(state_dict):
+    """The first key of `state_dict` that no clip_min CLIP has a place for, or None."""
+    def any_block(key):
+        return re.sub(r"resblocks\.\d+\.", "resblocks.#.", key)
+
+    with torch.device("meta"):  # names only: no memory, no time
+        known = {any_block(k) for k in CLIP(CLIPConfig(vision_layers=1, text_layers=1)).state_dict()}
+    return next((k for k in state_dict if any_block(k) not in known), None)
+
+
 def config_from_state_dict(state_dict) -> CLIPConfig:
     """Read the architecture off the tensor shapes, as every OpenAI ViT checkpoint determines it."""
+    if (key := unsupported_key(state_dict)) is not None:
+        raise ValueError(f"not a ViT CLIP state_dict that clip_min can hold: no place for {key!r} (ResNet image "
+                         "towers and Hugging Face text towers inside open_clip are not supported)")
     if "visual.conv1.weight" not in state_dict:
-        raise ValueError("not a ViT CLIP state_dict (no 'visual.conv1.weight'); ResNet CLIP models are not supported")
+        raise ValueError("not a ViT CLIP state_dict (no 'visual.conv1.weight')")
 
     def count_layers(prefix):
         return len({k.split(".")[len(prefix.split("."))] for k in state_dict if k.startswith(prefix + ".")})
 
     conv = state_dict["visual.conv1.weight"]
+    if conv.shape[0] in (1280, 1408, 1664):  # the shapes cannot tell heads apart: refuse rather than compute wrong
+        raise ValueError(f"an image tower {conv.shape[0]} wide is open_clip's ViT-H, -g or -bigG, whose attention heads "
+                         "are not 64 wide; clip_min supports OpenAI's ViT shapes (B and L)")
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     return CLIPConfig(
         embed_dim=state_dict["text_projection"].shape[1],
@@ -195,10 +223,13 @@ def config_from_state_dict(state_dict) -> CLIPConfig:
     )
 
 
-def build_model(state_dict) -> CLIP:
-    """A CLIP in fp32 and eval mode holding exactly the weights of `state_dict` (strict loading)."""
+def build_model(state_dict, activation="quick_gelu") -> CLIP:
+    """A CLIP in fp32 and eval mode holding exactly the weights of `state_dict` (strict loading), with the MLP
+    activation it was trained with ("quick_gelu" or "gelu": the weights cannot tell)."""
     # OpenAI's files also store these three integers next to the tensors.
     state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    model = CLIP(config_from_state_dict(state_dict))
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    config = dataclasses.replace(config_from_state_dict(state_dict), activation=activation)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced (seconds at ViT-B/32)
+        model = CLIP(config)
+    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}, strict=True, assign=True)
     return model.eval()
