@@ -9,11 +9,14 @@ modules, so the backbone's parameter names (and OpenAI checkpoints) stay valid a
 """
 import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from clip_min import weights
 
 # Every method with its options and their defaults (override them as keyword arguments of apply). Defaults follow
 # each method's own paper and code; the sizes of adapter, adaptformer and clip_adapter are chosen so that the
@@ -354,23 +357,35 @@ OFFICIAL_MRS_NAMES = {"visual_down_proj": "image_down", "down_proj": "text_down"
                       "up_proj": "text_up", "share_up_proj": "shared_up"}
 
 
-def load_official_mrs(model, state_dict):
-    """Import MRS-Adapter weights trained with the authors' released code.
+def released_state_dict(path):
+    """The 'model' state_dict of a checkpoint saved by the authors' train.py ({'epoch', 'model', 'options', ...}, the
+    options holding CLIP's preprocessing objects): tensors come back, every other object as an inert stand-in."""
+    checkpoint = weights.read_checkpoint(path)
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        raise ValueError(f"{path} is not a checkpoint saved by the released PE-RSITR code (no 'model' state_dict)")
+    return checkpoint["model"]
 
-    Their adapter sat at `Uniadapt` inside `PE_RSITR`, maybe under DataParallel's `module.` prefix: keys such
-    as `Uniadapt.visual_down_proj.weight`, `module.Uniadapt.down_proj.bias` or the bare names are read, the rest
-    ignored.
+
+def load_official_mrs(model, source):
+    """Import MRS-Adapter weights trained with the authors' released code: their state_dict, or the path of the
+    checkpoint their train.py saved (model_best.pth.tar), read without running any code from it.
+
+    Their adapter sat at `Uniadapt` inside `PE_RSITR` inside their `Model`, maybe under DataParallel's `module.`
+    prefix: keys such as `PE_RSITR.Uniadapt.visual_down_proj.weight`, `module.Uniadapt.down_proj.bias` or the bare
+    names are read, the rest ignored.
     """
     if not isinstance(getattr(model, "mrs_adapter", None), MRSAdapter):
         raise ValueError("the model has no MRS-Adapter; call apply(model, 'mrs') first")
-    found = {k.removeprefix("module.").removeprefix("Uniadapt."): v for k, v in state_dict.items()}
+    state_dict = released_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
+    found = {k.removeprefix("module.").removeprefix("PE_RSITR.").removeprefix("Uniadapt."): v
+             for k, v in state_dict.items()}
     pairs = []
     for official, ours in OFFICIAL_MRS_NAMES.items():
         for kind in ("weight", "bias"):
             key, target = f"{official}.{kind}", getattr(getattr(model.mrs_adapter, ours), kind)
             if key not in found:
                 raise ValueError(f"released MRS-Adapter tensor {key!r} is missing (looked for it bare and under "
-                                 f"'Uniadapt.' and 'module.Uniadapt.'); the state_dict has {len(state_dict)} keys")
+                                 f"'[module.][PE_RSITR.]Uniadapt.'); the state_dict has {len(state_dict)} keys")
             if tuple(found[key].shape) != tuple(target.shape):
                 raise ValueError(f"released MRS-Adapter tensor {key!r} has shape {tuple(found[key].shape)}, but this "
                                  f"model's adapter needs {tuple(target.shape)} (a different CLIP or bottleneck?)")

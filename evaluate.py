@@ -154,9 +154,10 @@ def format_metrics(m):
             f"t2i R@1/5/10 {m['t2i_R@1']:.2f}/{m['t2i_R@5']:.2f}/{m['t2i_R@10']:.2f} | mR {m['mR']:.2f}")
 
 
-def load_backbone(clip, dataset, seed, device):
-    """The frozen CLIP: a released name or a checkpoint path; for the demo, the bundled mini CLIP if present, else a
-    randomly initialised tiny CLIP (the same one for a given seed, so a trained adapter finds its backbone again)."""
+def load_backbone(clip, dataset, seed, device, activation=None):
+    """The frozen CLIP: a released name, a checkpoint path or a Hugging Face folder (activation: see clip_min.load);
+    for the demo, the bundled mini CLIP if present, else a randomly initialised tiny CLIP (the same one for a given
+    seed, so a trained adapter finds its backbone again)."""
     if clip is None and dataset == "demo":
         found = os.path.isfile(DEMO_CLIP)
         backbone = "a mini CLIP pretrained on synthetic data" if found else "a randomly initialised tiny CLIP"
@@ -167,7 +168,29 @@ def load_backbone(clip, dataset, seed, device):
         else:
             torch.manual_seed(seed)
             return clip_min.CLIP(TINY_CLIP).to(device).eval()
-    return clip_min.load(clip or "ViT-B/32", device=device)[0]
+    return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
+
+
+def official_model(path, device):
+    """The model a checkpoint of the authors' released train.py holds: their CLIP (their optimizer took every
+    parameter, so it trained too) with their MRS-Adapter. Says how far that CLIP moved from OpenAI's ViT-B/32 when
+    OpenAI's file is in clip_min's download cache."""
+    weights = adapter.released_state_dict(path)
+    prefix = "PE_RSITR.model."
+    clip = {k.removeprefix("module.")[len(prefix):]: v for k, v in weights.items()
+            if k.removeprefix("module.").startswith(prefix)}
+    if not clip:
+        raise SystemExit(f"{path} holds no CLIP weights under '{prefix}'")
+    model = adapter.apply(clip_min.build_model(clip), "mrs")
+    adapter.load_official_mrs(model, weights)
+    openai = os.path.join(os.path.expanduser(clip_min.weights.DEFAULT_ROOT), "ViT-B-32.pt")
+    if os.path.isfile(openai):
+        theirs = clip_min.weights.read_state_dict(openai)
+        change = max((clip[k].float() - v).abs().max().item() for k, v in theirs.items() if k in clip)
+        print(f"its CLIP differs from OpenAI's ViT-B/32 ({openai}) by at most {change:.3g} per weight")
+    else:
+        print(f"OpenAI's ViT-B/32 is not in {os.path.dirname(openai)}: how far its CLIP moved is not measured")
+    return model.to(device).eval()
 
 
 def gallery(sim, split, images, k, path, queries=4):
@@ -217,12 +240,17 @@ def keep_freed_memory():
         pass
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
     p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
+    p.add_argument("--official-checkpoint", metavar="PATH", help="a checkpoint saved by the authors' released "
+                   "train.py (model_best.pth.tar): its CLIP and MRS-Adapter, read without running its code")
     p.add_argument("--dataset", help="[the checkpoint's]")
     p.add_argument("--data-root", help="[the checkpoint's, else data; demo: the demo cache]")
-    p.add_argument("--clip", help="model name or checkpoint path of the backbone [the checkpoint's]")
+    p.add_argument("--clip", help="model name, checkpoint path or Hugging Face folder of the backbone "
+                                  "[the checkpoint's]")
+    p.add_argument("--clip-activation", choices=["quick_gelu", "gelu"],
+                   help="the backbone's MLP activation [the checkpoint's, else what the file records, else QuickGELU]")
     p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
     p.add_argument("--split", default="test", choices=["test"])
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None)
@@ -234,7 +262,18 @@ def main(argv=None):
         p.error(f"--visualize K must be positive (or 0: no gallery), got {args.visualize}")
     if args.method == "zeroshot" and args.checkpoint:
         p.error("--method zeroshot evaluates the frozen CLIP and reads no --checkpoint")
+    if args.official_checkpoint and (args.checkpoint or args.method or args.clip or not args.dataset):
+        p.error("--official-checkpoint brings its own CLIP and method: pass --dataset, not --checkpoint, --method or "
+                "--clip")
+    return args, p
 
+
+def build(args, p, device):
+    """The model to score, with what the checkpoint (if any) says of the run: (model, method, its train.py args)."""
+    if args.official_checkpoint:
+        if not os.path.isfile(args.official_checkpoint):
+            raise SystemExit(f"checkpoint not found: {args.official_checkpoint}")
+        return official_model(args.official_checkpoint, device), "mrs (released checkpoint)", {}
     state = {}
     if args.method != "zeroshot":
         args.checkpoint = args.checkpoint or latest_run()
@@ -244,35 +283,41 @@ def main(argv=None):
         if "trainable" not in state:
             raise SystemExit(f"{args.checkpoint} is not a checkpoint written by train.py (no 'trainable' entry)")
     saved = state.get("args", {})
-    dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
+    args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
+    args.data_root = args.data_root or saved.get("data_root")
     method = args.method or state["method"]
-    data_root = args.data_root or saved.get("data_root")
-    clip = args.clip or state.get("clip")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()
-    # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
-    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or default_amp(device)
-
-    backbone = load_backbone(clip, dataset, saved.get("seed", 2), device)
+    backbone = load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
+                             args.clip_activation or state.get("activation"))
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
     model = adapter.apply(backbone, method, **options).to(device).eval()
     if state:
         adapter.load_trainable(model, state["trainable"])
-    name, root = data.dataset_location(dataset, data_root)
+    return model, method, saved
+
+
+def main(argv=None):
+    args, p = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    model, method, saved = build(args, p, device)
+    # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
+    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or default_amp(device)
+    name, root = data.dataset_location(args.dataset, args.data_root)
     split = data.load_split(name, root, args.split)
     images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = similarity(model, images, tokens, device, amp)
     metrics = retrieval_metrics(sim)
-    print(f"{dataset} {args.split} ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
+    print(f"{args.dataset} {args.split} ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
     print(format_metrics(metrics))
     print(tie_bounds(sim, metrics) or "no exact ties at any query's truth")
-    out = args.out or (os.path.join(os.path.dirname(args.checkpoint), f"{args.split}_eval.json") if state
-                       else os.path.join("runs", f"zeroshot-{dataset}.json"))
+    checkpoint = args.checkpoint or args.official_checkpoint
+    out = args.out or (os.path.join(os.path.dirname(checkpoint), f"{args.split}_eval.json") if checkpoint
+                       else os.path.join("runs", f"zeroshot-{args.dataset}.json"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"dataset": dataset, "method": method, "checkpoint": args.checkpoint, **metrics}, f, indent=1)
+        json.dump({"dataset": args.dataset, "method": method, "checkpoint": checkpoint, **metrics}, f, indent=1)
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"

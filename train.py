@@ -35,8 +35,10 @@ def parse_args(argv=None):
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
     p.add_argument("--method", default="mrs", choices=adapter.METHODS)
     p.add_argument("--loss", default="hmmc", choices=losses.LOSSES)
-    p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...) or checkpoint path [ViT-B/32; demo: "
-                                                "assets/mini-clip.pt, else a random tiny CLIP]")
+    p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...), checkpoint path or Hugging Face folder "
+                                                "[ViT-B/32; demo: assets/mini-clip.pt, else a random tiny CLIP]")
+    p.add_argument("--clip-activation", choices=["quick_gelu", "gelu"], help="the backbone's MLP activation [what "
+                   "the file records, else QuickGELU; open_clip's plain ViT-B-32 and ViT-L-14 are gelu]")
     p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
     p.add_argument("--lr-decay-epoch", type=int, default=20, help="the first epoch (counted from 1) at lr x0.7, "
                    "and x0.7 again every as many epochs, as the released code decays it")
@@ -189,7 +191,8 @@ def start(args):
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    model = adapter.apply(evaluate.load_backbone(args.clip, args.dataset, args.seed, device), args.method).to(device)
+    backbone = evaluate.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
+    model = adapter.apply(backbone, args.method).to(device)
     keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
@@ -223,9 +226,9 @@ def resume(run):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if len(state["rng"]) != run.world:
         raise SystemExit(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
-    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}" for k in
-               ("dataset", "method", "loss", "clip", "batch_size", "seed", "margin", "mask_same_image", "amp")
-               if state["args"][k] != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in
+               ("dataset", "method", "loss", "clip", "clip_activation", "batch_size", "seed", "margin",
+                "mask_same_image", "amp") if state["args"].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f"--resume with other settings than {path}: {', '.join(changed)}")
     adapter.load_trainable(run.model, state["trainable"])
@@ -287,8 +290,8 @@ def save(run, epoch, step, improved=False):
     if run.rank == 0:
         args = run.args
         state = {"trainable": adapter.trainable_state_dict(run.model), "method": args.method,
-                 "options": run.model.petl_options, "clip": args.clip, "dataset": args.dataset, "epoch": epoch,
-                 "step": step, "best_mR": run.best_mr, "args": vars(args)}
+                 "options": run.model.petl_options, "clip": args.clip, "activation": run.model.config.activation,
+                 "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": run.best_mr, "args": vars(args)}
         if improved:
             save_atomically(state, os.path.join(args.out, "best.pt"))
         save_atomically({**state, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),

@@ -2,6 +2,7 @@
 Hugging Face CLIPModel folders), and reads training checkpoints that pickle arbitrary objects without running them."""
 import argparse
 import collections
+import copy
 import colorsys  # a module the planted checkpoint names; read_checkpoint must not import it again
 import json
 import os
@@ -15,7 +16,9 @@ import safetensors.torch
 import torch
 import transformers
 
+import adapter
 import clip_min
+import evaluate
 from clip_min import weights
 from conftest import MICRO, SMALL, reference_clip, save_openai_archive
 
@@ -295,3 +298,90 @@ def test_read_checkpoint_needs_torch_save_zip(tmp_path):
     torch.save({"a": torch.zeros(1)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="not a zip file written by torch.save"):
         weights.read_checkpoint(path)
+
+
+# ------------------------------------------------------------------ the authors' trained adapters, end to end
+
+
+def write_released_training_checkpoint(path, marker):
+    """A model_best.pth.tar as the authors' train.py saves it, under DataParallel: their Model wraps PE_RSITR, which
+    holds OpenAI's CLIP (fp16, trained too: their optimizer took every parameter) and the adapter `Uniadapt`."""
+    import bench  # its ReleasedPath is the released forward, written with OpenAI's modules
+    openai = reference_clip(SMALL, seed=3)
+    with torch.no_grad():
+        for p in openai.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # the fine-tuning the released code did to CLIP
+    openai = openai.half().float()
+    ours = adapter.apply(clip_min.build_model(openai.state_dict()), "mrs")
+    for p in ours.mrs_adapter.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    released = bench.ReleasedPath(ours).eval()  # holds the same weights, under the released names
+    wrapper = torch.nn.Module()
+    wrapper.PE_RSITR = torch.nn.Module()
+    wrapper.PE_RSITR.model = copy.deepcopy(released.clip).half()
+    wrapper.PE_RSITR.Uniadapt = released.adapter
+    state = collections.OrderedDict(("module." + k, v) for k, v in wrapper.state_dict().items())
+    options = argparse.Namespace(batch_size=16, preprocess=openai_clip_module._transform(SMALL["image_resolution"]),
+                                 hook=RunsCommand(f"touch {marker}"))
+    torch.save({"epoch": 12, "arch": "baseline", "model": state, "best_rsum": 300.0, "options": options,
+                "Eiters": 100}, path)
+    return released, openai
+
+
+def test_official_checkpoint_reproduces_the_released_forward(tmp_path, monkeypatch, capsys):
+    path, marker = tmp_path / "model_best.pth.tar", tmp_path / "marker"
+    released, openai = write_released_training_checkpoint(path, marker)
+    cache = tmp_path / "clip-cache"
+    monkeypatch.setattr(weights, "DEFAULT_ROOT", str(cache))
+    model = evaluate.official_model(str(path), torch.device("cpu"))
+    assert "not measured" in capsys.readouterr().out and not marker.exists()
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, SMALL["image_resolution"], SMALL["image_resolution"])
+    tokens = clip_min.tokenize(CAPTIONS)
+    with torch.no_grad():
+        assert max_diff(model.encode_image(images), released.encode_image(images, 0.0)) < 1e-4
+        assert max_diff(model.encode_text(tokens), released.encode_text(tokens, 0.0)) < 1e-4
+    # With OpenAI's file in the cache, it says how far the checkpoint's CLIP moved from it.
+    cache.mkdir()
+    untouched = reference_clip(SMALL, seed=3)
+    save_openai_archive(untouched, cache / "ViT-B-32.pt")
+    evaluate.official_model(str(path), torch.device("cpu"))
+    moved = max((openai.state_dict()[k].half().float() - v.half().float()).abs().max().item()
+                for k, v in untouched.state_dict().items())
+    assert f"by at most {moved:.3g} per weight" in capsys.readouterr().out and not marker.exists()
+
+
+def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, capsys):
+    from conftest import make_world
+    world = make_world(tmp_path / "world")  # 64-pixel images, as SMALL's resolution
+    path = tmp_path / "model_best.pth.tar"
+    write_released_training_checkpoint(path, tmp_path / "marker")
+    monkeypatch.setattr(weights, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    evaluate.main(["--official-checkpoint", str(path), "--dataset", world.name, "--data-root", world.root,
+                   "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "mrs (released checkpoint)" in out and "mR" in out and (tmp_path / "test_eval.json").is_file()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--official-checkpoint", str(path), "--method", "mrs", "--dataset", world.name])
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_run_records_its_backbones_activation(tmp_path, monkeypatch):
+    import train
+    from conftest import make_world
+    world = make_world(tmp_path / "world")
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    common = ["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
+              "--batch-size", "8", "--epochs", "1", "--out", str(tmp_path / "run")]
+    result = train.main([*common, "--clip-activation", "gelu"])
+    best = tmp_path / "run" / "best.pt"
+    assert torch.load(best, weights_only=True)["activation"] == "gelu"
+    for activation, same in ((None, True), ("quick_gelu", False)):  # evaluate rebuilds the run's backbone
+        out = tmp_path / f"eval-{activation}.json"
+        evaluate.main(["--checkpoint", str(best), "--workers", "1", "--out", str(out)]
+                      + (["--clip-activation", activation] if activation else []))
+        assert ({k: json.loads(out.read_text())[k] for k in result} == result) == same
+    with pytest.raises(SystemExit, match="--clip-activation gelu -> quick_gelu"):
+        train.main([*common, "--clip-activation", "quick_gelu", "--resume"])
