@@ -310,3 +310,41 @@ def test_demo_location_follows_data_root(tmp_path, monkeypatch):
     assert data.dataset_location("demo", str(tmp_path / "mine")) == ("demo", str(tmp_path / "mine"))
     assert (tmp_path / "cache/demo_precomp/complete.json").is_file()
     assert (tmp_path / "mine/demo_precomp/complete.json").is_file()
+
+
+# ---------------------------------------------------------------- one preprocessing truth
+
+
+@pytest.mark.parametrize("mode, file", [("RGB", "a.png"), ("RGB", "b.jpg"), ("RGB", "c.tif"), ("L", "d.png"),
+                                        ("L", "e.tif")])
+def test_cached_images_are_openais_preprocessing(tmp_path, mode, file):
+    """Training and evaluation decode once into a uint8 cache and normalise per batch: the same tensors OpenAI's
+    preprocess (clip_min.transform, itself tested against OpenAI's) gives for the same file."""
+    from clip_min import transform
+    path = str(tmp_path / file)
+    Image.fromarray(image_array(3, h=173, w=301)[..., 0] if mode == "L" else image_array(3, h=173, w=301)).save(path)
+    ours = data.normalise(data.cache_images([path], 224, workers=1, log_every=0))[0]
+    with Image.open(path) as image:
+        openai = transform(224)(image)
+    assert (ours - openai).abs().max() < 1e-5
+
+
+def test_where_the_cache_differs_from_openais_preprocessing(tmp_path):
+    """Two deliberate differences: transparent pixels are composited onto black (OpenAI drops alpha and shows what
+    lies under it), and palette images are resized as RGB, bicubic (PIL resizes them nearest-neighbour)."""
+    from clip_min import transform
+    rgba = image_array(4, h=64, w=64).repeat(2, axis=0)[:64]
+    rgba = np.concatenate([rgba, np.full((64, 64, 1), 255, np.uint8)], axis=2)
+    rgba[:, :32, 3] = 0  # left half transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    Image.fromarray(image_array(5, h=90, w=90)).quantize(colors=16).save(tmp_path / "palette.png")
+    for name, expect_equal_region in (("alpha.png", np.s_[:, :, 124:]), ("palette.png", None)):
+        path = str(tmp_path / name)
+        ours = data.normalise(data.cache_images([path], 224, workers=1, log_every=0))[0]
+        with Image.open(path) as image:
+            openai = transform(224)(image)
+        assert (ours - openai).abs().max() > 0.1
+        if expect_equal_region:  # opaque pixels agree; transparent ones are black (normalised) in ours
+            assert (ours[expect_equal_region] - openai[expect_equal_region]).abs().max() < 1e-5
+            black = data.normalise(torch.zeros(3, 1, 1, dtype=torch.uint8))
+            assert torch.allclose(ours[:, :, :100], black.expand(3, 224, 100))
