@@ -90,7 +90,7 @@ class ReleasedPath(nn.Module):
         x = self.clip.ln_final(x).type(dtype)
         return x[torch.arange(len(x)), tokens.argmax(dim=-1)] @ self.clip.text_projection
 
-    def step(self, optimizer, images, tokens, margin=0.2):
+    def step(self, optimizer, images, tokens, margin=losses.MARGIN):
         """Four passes (clean and augmented, image and text), HMMC, backward, Adam. Returns the loss."""
         image, image_aug = self.encode_image(images, 0.0), self.encode_image(images, adapter.VIEW_DROPOUT)
         text, text_aug = self.encode_text(tokens, 0.0), self.encode_text(tokens, adapter.VIEW_DROPOUT)
@@ -178,7 +178,7 @@ def prepare(path, opts, batch):
     model = build_ours(config, opts.method).to(device)
     images, tokens = inputs(config, batch, device)
     test_images, test_tokens = inputs(config, opts.test_images, device, seed=1)
-    test_tokens = torch.cat([test_tokens] * 5)
+    test_tokens = torch.cat([test_tokens] * data.CAPTIONS_PER_IMAGE)
     test_cut, length = clip_min.trim(test_tokens), clip_min.trim(tokens).shape[1]  # ours reads cut text
     if path == "released":
         model = ReleasedPath(model, fp16=device.type == "cuda")
@@ -189,7 +189,8 @@ def prepare(path, opts, batch):
         train.keep_frozen_weights_in(model, opts.amp)  # as train.py does
         encoder = train.ViewsEncoder(model)
         encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
-        args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+        args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=losses.MARGIN,
+                                  grad_clip=0.0)
         scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing

@@ -32,14 +32,14 @@ SOURCES = ("The precomp files (<name>_precomp/ plus the <name>_images/ folder) c
 @dataclass
 class Split:
     name: str
-    split: str
+    part: str  # train, val, trainval or test
     image_paths: list  # one per image
-    captions: list  # five per image, flattened in image order: caption j belongs to image j // 5
+    captions: list  # CAPTIONS_PER_IMAGE per image, in image order: caption j belongs to image j // CAPTIONS_PER_IMAGE
     anomalies: dict = field(default_factory=dict)  # what reading had to repair, by kind
 
     def summary(self):
         fixed = ", ".join(f"{kind} {n}" for kind, n in self.anomalies.items() if n) or "no anomalies"
-        return f"{self.name} {self.split}: {len(self.image_paths)} images, {len(self.captions)} captions ({fixed})"
+        return f"{self.name} {self.part}: {len(self.image_paths)} images, {len(self.captions)} captions ({fixed})"
 
 
 def _read_lines(path):
@@ -51,16 +51,17 @@ def _read_lines(path):
 def _read_precomp(folder, split):
     caps_path, names_path = (os.path.join(folder, f"{split}_{kind}.txt") for kind in ("caps", "filename"))
     captions, names = _read_lines(caps_path), [n.strip() for n in _read_lines(names_path)]
-    if len(captions) == len(names) and len(names) % 5 == 0:  # one line per caption (test): names repeat 5 times
-        bad = next((i for i, n in enumerate(names) if n != names[i - i % 5]), None)
+    per = CAPTIONS_PER_IMAGE
+    if len(captions) == len(names) and len(names) % per == 0:  # one line per caption (test): each name repeats
+        bad = next((i for i, n in enumerate(names) if n != names[i - i % per]), None)
         if bad is not None:
             raise ValueError(f"{names_path} line {bad + 1}: {names[bad]!r} breaks the group of five lines of "
-                             f"{names[bad - bad % 5]!r} (one filename line per caption expected)")
-        names = names[::5]
-    elif len(captions) != 5 * len(names):  # else one line per image (train_filename.txt)
+                             f"{names[bad - bad % per]!r} (one filename line per caption expected)")
+        names = names[::per]
+    elif len(captions) != per * len(names):  # else one line per image (train_filename.txt)
         raise ValueError(f"{caps_path} has {len(captions)} lines but {names_path} has {len(names)}: expected "
-                         f"5 captions per filename line ({5 * len(names)}) or one filename line per caption")
-    return names, [captions[5 * i:5 * i + 5] for i in range(len(names))]
+                         f"{per} captions per filename line ({per * len(names)}) or one filename line per caption")
+    return names, [captions[per * i:per * (i + 1)] for i in range(len(names))]
 
 
 def released_split(n_images, seed, split):
@@ -106,10 +107,11 @@ def load_split(name, root, split, seed=2):
         good = [c for c in caps if c]
         anomalies["empty_captions"] += len(caps) - len(good)
         anomalies["images_dropped"] += not good  # RSITMD's train file has four images with only empty captions
-        if good:  # exactly five per image, as the metrics assume: pad with the image's own captions, or truncate
-            anomalies["images_padded"] += len(caps) < 5
-            anomalies["images_truncated"] += len(caps) > 5
-            captions += [c or good[i % len(good)] for i, c in enumerate((caps + good * 5)[:5])]  # empty: a sibling
+        if good:  # exactly CAPTIONS_PER_IMAGE, as the metrics assume: pad with the image's own captions, or cut
+            per = CAPTIONS_PER_IMAGE
+            anomalies["images_padded"] += len(caps) < per
+            anomalies["images_truncated"] += len(caps) > per
+            captions += [c or good[i % len(good)] for i, c in enumerate((caps + good * per)[:per])]  # empty: a sibling
             kept.append(image)
     if not kept:
         raise ValueError(f"dataset {name!r} under {root} has no {split} images with captions")
@@ -260,7 +262,7 @@ def make_demo(root, domain="remote", n_train=400, n_test=100, seed=0, size=64):
                      str(rng.choice(POSITIONS[domain])))
             _draw(*scene, size, rng).save(image_dir / file)
             captions += _captions(*scene)
-        repeat = 1 if split == "train" else 5  # precomp: test names repeat once per caption
+        repeat = 1 if split == "train" else CAPTIONS_PER_IMAGE  # precomp: test names repeat once per caption
         (folder / f"{split}_filename.txt").write_text("".join(f"{file}\n" * repeat for file in files))
         (folder / f"{split}_caps.txt").write_text("".join(f"{caption}\n" for caption in captions))
     marker.write_text(params)  # written last: an interrupted generation leaves no marker and is redone

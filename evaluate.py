@@ -43,7 +43,7 @@ def hit_probability(above, tied, truths, k, ties="expected"):
     return 1 - torch.where(i < slots, ratios, 1.0).prod(dim=1)
 
 
-def retrieval_metrics(similarity, captions_per_image=5, ties="expected", chunk=1024):
+def retrieval_metrics(similarity, captions_per_image=data.CAPTIONS_PER_IMAGE, ties="expected", chunk=1024):
     """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix.
 
     Caption j belongs to image j // captions_per_image. Image -> text: an image's rank is the best rank among its
@@ -195,7 +195,7 @@ def official_model(path, device):
 
 def gallery(sim, split, images, k, path, queries=4):
     """A PNG: for a few captions their top-k images (ground truth framed green), for a few images their top-k captions."""
-    size, pad, per = 96, 4, 5  # five captions per image
+    size, pad, per = 96, 4, data.CAPTIONS_PER_IMAGE
     k = min(k, len(images))  # a small test set may hold fewer than k images
     width = 360 + k * (size + pad)
     canvas = Image.new("RGB", (width, 2 * queries * (size + pad)), "white")

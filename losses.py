@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LOSSES = ("hmmc", "vse_sum", "infonce")
+MARGIN = 0.2  # the hinge margin of the paper (and of VSE++)
 
 
 def _cosine(a, b):
@@ -32,7 +33,7 @@ def _cosine(a, b):
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
 
 
-def _positives(n, image_ids, device):
+def _not_negative(n, image_ids, device):
     """[B, B] bool: True where a pair is not a negative (the diagonal, and same-image pairs when ids are given)."""
     if image_ids is None:
         return torch.eye(n, dtype=torch.bool, device=device)
@@ -46,13 +47,13 @@ def _hinge_costs(a, b, margin, image_ids):
     """Hinge [m + S(a_i, b_j) - d]_+ against the row's (i2t) and the column's (t2i) positive, negatives only."""
     sim = _cosine(a, b)
     positive = sim.diag()
-    not_negative = _positives(len(sim), image_ids, sim.device)
+    not_negative = _not_negative(len(sim), image_ids, sim.device)
     rows = (margin + sim - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)
     cols = (margin + sim - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)
     return rows, cols
 
 
-def hardest_negative_hinge(a, b, margin=0.2, image_ids=None):
+def hardest_negative_hinge(a, b, margin=MARGIN, image_ids=None):
     """VSE++ max-violation loss L(a, b): row i's positive is b_i, its negatives the other b_j, and vice versa.
     Used for (image, text) and for a clean view against its augmented view (rows clean, columns augmented).
     A row with no negative adds 0; ties for the hardest negative share its gradient equally (amax)."""
@@ -60,7 +61,7 @@ def hardest_negative_hinge(a, b, margin=0.2, image_ids=None):
     return rows.amax(dim=1).sum() + cols.amax(dim=0).sum()
 
 
-def hmmc(image, text, image_aug, text_aug, margin=0.2, weights=(1.0, 1.0, 1.0), image_ids=None):
+def hmmc(image, text, image_aug, text_aug, margin=MARGIN, weights=(1.0, 1.0, 1.0), image_ids=None):
     """Hybrid multi-modal contrastive loss: cross-modal term plus the two intra-modal clean-vs-augmented terms."""
     terms = {"it": weights[0] * hardest_negative_hinge(image, text, margin, image_ids),
              "ii": weights[1] * hardest_negative_hinge(image, image_aug, margin, image_ids),
@@ -68,7 +69,7 @@ def hmmc(image, text, image_aug, text_aug, margin=0.2, weights=(1.0, 1.0, 1.0), 
     return sum(terms.values()), terms
 
 
-def vse_sum(image, text, margin=0.2, image_ids=None):
+def vse_sum(image, text, margin=MARGIN, image_ids=None):
     """VSE0 hinge: every in-batch negative counts, not just the hardest."""
     rows, cols = _hinge_costs(image, text, margin, image_ids)
     return rows.sum() + cols.sum()
@@ -77,14 +78,14 @@ def vse_sum(image, text, margin=0.2, image_ids=None):
 def infonce(image, text, logit_scale=None, image_ids=None):
     """CLIP's loss: mean of the image->text and text->image cross-entropies over scaled cosine similarities."""
     logits = (1 / 0.07 if logit_scale is None else logit_scale) * _cosine(image, text)
-    same_image = _positives(len(logits), image_ids, logits.device)
+    same_image = _not_negative(len(logits), image_ids, logits.device)
     same_image.fill_diagonal_(False)  # the true pair stays the target; other captions of its image are ignored
     logits = logits.masked_fill(same_image, float("-inf"))
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-def compute(name, image, text, image_aug=None, text_aug=None, logit_scale=None, image_ids=None, margin=0.2,
+def compute(name, image, text, image_aug=None, text_aug=None, logit_scale=None, image_ids=None, margin=MARGIN,
             weights=(1.0, 1.0, 1.0)):
     """The one entry point of the training loop; returns (total, terms)."""
     if name == "hmmc":

@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    "and x0.7 again every as many epochs, as the released code decays it")
     p.add_argument("--epochs", type=int, default=None, help="[30; demo: 6]")
     p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
-    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--margin", type=float, default=losses.MARGIN)
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs that have it, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
