@@ -2,42 +2,30 @@
 synthetic "remote sensing" domain (the demo dataset) with every method, and print the paper's table.
 
     python miniature.py pretrain      # ~6 min on 2 cores: writes assets/mini-clip.pt (OpenAI's file format)
-    python miniature.py table         # ~12 min on 2 idle cores: every method x 3 seeds via train.py --dataset demo
+    python miniature.py table         # ~12 min on 2 idle cores: every method x 3 seeds through table.py
 
 The natural domain shows houses from the side under a sky, left or right; the remote domain shows buildings from
 above, in four positions ("top" and "bottom" are words the pretraining never saw), with other caption templates.
 """
 import argparse
-import contextlib
 import copy
-import json
 import math
 import os
-import shutil
 import time
 import warnings
 
-import numpy as np
 import torch
 
-import adapter
 import clip_min
 import data
 import evaluate
 import losses
-import train
+import table as table_py
 
 # heads = width // 64; the text width stays above the MRS-Adapter's bottleneck of 64. The 49408 x 128 token
 # embedding is most of the 8.9M parameters; the towers are small enough to train on a CPU in minutes.
 MINI_CONFIG = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=16, vision_width=192,
                                   vision_layers=4, text_width=128, text_layers=3)
-# (method, loss, name in the table), in the paper's order: references, PETL baselines, then PE-RSITR.
-ROWS = [("zeroshot", "hmmc", "Zero-shot CLIP"), ("linear", "hmmc", "Linear probe"),
-        ("full", "hmmc", "Full fine-tuning"), ("coop", "hmmc", "CoOp"), ("vpt", "hmmc", "VPT"),
-        ("clip_adapter", "hmmc", "CLIP-Adapter"), ("adapter", "hmmc", "Adapter"),
-        ("adaptformer", "hmmc", "AdaptFormer"), ("lora", "hmmc", "LoRA"),
-        ("mrs", "infonce", "MRS-Adapter + InfoNCE"), ("mrs", "hmmc", "MRS-Adapter + HMMC (PE-RSITR)")]
-METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"]
 
 
 def save_openai_format(model, path):
@@ -101,72 +89,13 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
     return model, metrics
 
 
-def summarise(results):
-    """Per-seed results [{method, loss, name, seed, params, seconds, metrics}] -> one row per (method, loss), in
-    first-seen order, with the mean and the sample standard deviation (ddof=1) over seeds of each metric and time."""
-    rows = {}
-    for r in results:
-        rows.setdefault((r["method"], r["loss"]), []).append(r)
-    out = []
-    for (method, loss), runs in rows.items():
-        values = {k: np.array([r["metrics"][k] for r in runs], dtype=float) for k in METRICS}
-        values["seconds"] = np.array([r["seconds"] for r in runs], dtype=float)
-        out.append({"method": method, "loss": loss, "name": runs[0]["name"], "params": runs[0]["params"],
-                    "seeds": len(runs), "mean": {k: float(v.mean()) for k, v in values.items()},
-                    "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}})
-    return out
-
-
-def markdown(rows, total_params):
-    """The paper's table layout as Markdown: mean ± std over seeds."""
-    lines = ["| Method | Loss | Trainable params | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 "
-             "| mR | Time/run (s) |", "|" + "---|" * 11]
-    for row in rows:
-        cells = [f"{row['mean'][k]:.2f} ± {row['std'][k]:.2f}" for k in METRICS + ["seconds"]]
-        share = f"{row['params']:,} ({100 * row['params'] / total_params:.2f}%)"
-        loss = row["loss"] if row["method"] != "zeroshot" else "-"
-        lines.append(f"| {row['name']} | {loss} | {share} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "miniature"), clip=evaluate.DEMO_CLIP):
-    """Every row of ROWS x every seed through train.main on the demo (remote) domain; writes table.md."""
+    """table.py on the demo (remote) domain with the mini CLIP: every method, and the MRS-Adapter with InfoNCE too;
+    writes <out_root>/table.md. Stopped, it continues where it was, as table.py does."""
     if not os.path.isfile(clip):
         raise SystemExit(f"no pretrained checkpoint at {clip}: run `python miniature.py pretrain` first")
-    backbone = clip_min.load(clip)[0]
-    total_params, results, started = sum(p.numel() for p in backbone.parameters()), [], time.time()
-    for method, loss, name in ROWS:
-        params = adapter.count_trainable(adapter.apply(copy.deepcopy(backbone), method))
-        # One lr and epoch count for every method, except full fine-tuning: it moves every weight of the
-        # backbone and takes the customary 10x smaller lr. Nothing is chosen on the test split.
-        run_lr = lr / 10 if method == "full" else lr
-        for seed in seeds:
-            out, run_started = os.path.join(out_root, f"{method}-{loss}-s{seed}"), time.time()
-            shutil.rmtree(out, ignore_errors=True)  # a fresh folder: no file of an earlier run is left to mislead
-            os.makedirs(out)
-            with open(os.path.join(out, "log.txt"), "w") as log, contextlib.redirect_stdout(log):
-                metrics = train.main(["--dataset", "demo", "--clip", clip, "--method", method, "--loss", loss,
-                                      "--epochs", str(epochs), "--lr", str(run_lr), "--seed", str(seed), "--out", out])
-            with contextlib.suppress(FileNotFoundError):  # last.pt only serves resuming; full fine-tuning's is 100 MB
-                os.remove(os.path.join(out, "last.pt"))
-            seconds = time.time() - run_started
-            results.append(dict(method=method, loss=loss, name=name, seed=seed, params=params, seconds=seconds,
-                                metrics=metrics))
-            print(f"{name} seed {seed}: mR {metrics['mR']:.2f} ({seconds:.0f}s, log in {out})", flush=True)
-    rows = summarise(results)
-    ours = next(r for r in rows if (r["method"], r["loss"]) == ("mrs", "hmmc"))  # say plainly what beats it
-    better = [f"{r['name']} ({r['mean']['mR'] - ours['mean']['mR']:+.2f} mR)" for r in rows
-              if r["mean"]["mR"] > ours["mean"]["mR"]]
-    text = (f"Mini CLIP ({total_params:,} parameters) pretrained on the synthetic natural domain, transferred to the "
-            f"synthetic remote sensing domain (demo test split). Mean ± std (ddof=1) over seeds {list(seeds)}; "
-            f"{epochs} epochs, batch 16, lr {lr:g} (full fine-tuning {lr / 10:g}). Time/run includes evaluation.\n\n"
-            + markdown(rows, total_params) + f"\nHigher mean mR than {ours['name']}: {', '.join(better) or 'none'}.\n")
-    with open(os.path.join(out_root, "table.md"), "w") as md, open(os.path.join(out_root, "results.json"), "w") as js:
-        md.write(text)
-        json.dump(results, js, indent=1)
-    print("\n" + text + f"\nall runs took {time.time() - started:.0f}s on {os.cpu_count()} cores (load average "
-          f"{os.getloadavg()[1]:.1f} over the last 5 min); written to {out_root}/table.md")
-    return results
+    return table_py.main(["--datasets", "demo", "--methods", "all", "mrs:infonce", "--seeds", *map(str, seeds),
+                          "--lr", str(lr), "--out", out_root, "--clip", clip, "--epochs", str(epochs)])
 
 
 if __name__ == "__main__":

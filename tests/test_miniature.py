@@ -1,13 +1,14 @@
-"""The miniature: the committed mini CLIP, the pretraining's OpenAI-format output, and the table's statistics."""
+"""The miniature: the committed mini CLIP, the pretraining's OpenAI-format output, and its table through table.py."""
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
+import adapter
 import clip_min
 import evaluate
 import miniature
+import table
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 
@@ -30,7 +31,7 @@ def test_tiny_pretrain_writes_an_archive_that_loads_back(tmp_path):
         return miniature.pretrain(out=out, steps=3, batch_size=4, n_train=8, n_test=2, root=tmp_path, log_every=1)
 
     model, metrics = run(tmp_path / "a.pt")
-    assert set(metrics) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"}
+    assert set(table.METRICS) <= set(metrics)
     torch.manual_seed(0)
     initial = clip_min.CLIP(miniature.MINI_CONFIG).state_dict()
     assert not torch.equal(initial["visual.conv1.weight"], model.visual.conv1.weight), "pretraining changed nothing"
@@ -54,30 +55,11 @@ def test_tiny_pretrain_writes_an_archive_that_loads_back(tmp_path):
         assert torch.equal(again.state_dict()[name], value), name
 
 
-def test_summarise_gives_mean_and_sample_std_over_seeds():
-    rng = np.random.default_rng(0)
-    results = []
-    for method, loss in (("mrs", "hmmc"), ("lora", "hmmc"), ("mrs", "infonce")):
-        for seed in range(3):
-            metrics = {k: float(rng.uniform(0, 100)) for k in miniature.METRICS}
-            results.append(dict(method=method, loss=loss, name=f"{method}/{loss}", seed=seed, params=1000,
-                                seconds=float(rng.uniform(1, 9)), metrics=metrics))
-    results.append(dict(method="zeroshot", loss="hmmc", name="zero", seed=0, params=0, seconds=1.0,
-                        metrics={k: 5.0 for k in miniature.METRICS}))
-    rows = miniature.summarise(results)
-    assert [(r["method"], r["loss"]) for r in rows] == [("mrs", "hmmc"), ("lora", "hmmc"), ("mrs", "infonce"),
-                                                      ("zeroshot", "hmmc")]
-    for row in rows[:3]:
-        runs = [r for r in results if (r["method"], r["loss"]) == (row["method"], row["loss"])]
-        assert row["seeds"] == 3
-        for key in miniature.METRICS + ["seconds"]:
-            values = np.array([r["metrics"][key] if key != "seconds" else r["seconds"] for r in runs])
-            assert row["mean"][key] == pytest.approx(np.mean(values))
-            assert row["std"][key] == pytest.approx(np.std(values, ddof=1))
-    assert rows[3]["seeds"] == 1 and rows[3]["std"]["mR"] == 0.0 and rows[3]["mean"]["mR"] == 5.0
-
-    table = miniature.markdown(rows, total_params=10_000).splitlines()
-    assert len(table) == 2 + len(rows)
-    first = rows[0]
-    assert table[2].startswith("| mrs/hmmc | hmmc | 1,000 (10.00%) |")
-    assert f"{first['mean']['mR']:.2f} ± {first['std']['mR']:.2f}" in table[2]
+def test_table_is_table_py_on_the_demo_with_every_method(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(table, "main", calls.append)
+    miniature.table(seeds=(0, 1), epochs=2, lr=1e-3, out_root=str(tmp_path))
+    args, forwarded = table.parse_args(calls[0])
+    assert args.datasets == ["demo"] and args.seeds == [0, 1] and args.lr == 1e-3 and args.out == str(tmp_path)
+    assert sorted(args.rows) == sorted([(m, "hmmc") for m in adapter.METHODS] + [("mrs", "infonce")])
+    assert forwarded == ["--clip", evaluate.DEMO_CLIP, "--epochs", "2"]

@@ -1,0 +1,348 @@
+"""The paper's results table in one command: every dataset found x method x seed through train.py, each run in its
+own folder, then table.md, table.json and table.png: our numbers beside the paper's.
+
+    python table.py --data-root data                     # zero-shot CLIP, full fine-tuning, PE-RSITR; seed 2
+    python table.py --methods all --seeds 0 1 2          # + every PETL baseline; mean ± std over the seeds
+    python table.py --epochs 1 --amp off                 # any other option goes to every train.py run
+
+Hyperparameters: every method trains with PE-RSITR's recipe (train.py's defaults: Adam, lr 2e-4, batch 16, 30 epochs,
+lr x0.7 from epoch 20, HMMC, the checkpoint chosen on validation) and with its own options at adapter.py's defaults:
+the paper states no other values. A stated choice: full fine-tuning takes a tenth of the lr (2e-5), as it moves all
+of CLIP's weights rather than a new small module. Nothing is chosen on the test split.
+Stopped, the same command continues: finished runs are read from their folders (test.json), an interrupted one
+resumes from its last.pt (train.py --resume); a folder recorded with other settings is refused, not mixed in.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import adapter
+import data
+import evaluate
+import losses
+import train
+from clip_min import weights
+
+# Yuan et al. 2023, ViT-B/32 (i2t R@1/5/10, t2i R@1/5/10, mR). A tuple: a row of the paper's main results table; a
+# number: the mR of its PETL comparison table (VL-Prompt, Convpass, Cross-Modal Adapter and UniAdapter are not
+# implemented here). The paper trains every method with HMMC; a method absent for a dataset was not reported.
+PAPER = {
+    "rsicd": {"zeroshot": (6.77, 15.37, 23.15, 5.01, 15.75, 24.21, 15.04),
+              "linear": (8.46, 24.41, 37.72, 7.81, 25.89, 42.47, 24.46),
+              "full": (13.54, 30.83, 43.46, 11.55, 33.14, 49.83, 30.39),
+              "mrs": (14.13, 31.51, 44.78, 11.63, 33.92, 50.73, 31.12),
+              "coop": 17.29, "vpt": 21.72, "adapter": 24.84, "clip_adapter": 21.65, "adaptformer": 28.10},
+    "rsitmd": {"zeroshot": (9.29, 26.33, 37.39, 7.79, 23.67, 38.89, 23.89),
+               "linear": (17.02, 33.12, 48.35, 13.33, 41.80, 63.89, 36.25),
+               "full": (24.16, 47.12, 61.28, 20.40, 50.53, 68.54, 45.33),
+               "mrs": (23.67, 44.07, 60.36, 20.10, 50.63, 67.97, 44.47),
+               "coop": 30.51, "vpt": 34.14, "adapter": 32.37, "clip_adapter": 32.38, "adaptformer": 34.81},
+    "ucm": {"zeroshot": (10.95, 34.76, 55.71, 7.33, 35.14, 54.57, 33.08),
+            "full": (17.14, 55.24, 79.52, 13.90, 56.95, 91.81, 52.43),
+            "mrs": (22.71, 55.81, 80.33, 18.82, 62.84, 93.72, 55.71),
+            "coop": 44.95, "vpt": 49.77, "adapter": 52.74, "clip_adapter": 44.82, "adaptformer": 53.69},
+}
+METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR"]
+# Row names in the paper's order: references, PETL baselines, PE-RSITR last.
+NAMES = {"zeroshot": "Zero-shot CLIP", "linear": "Linear probe", "full": "Full fine-tuning", "coop": "CoOp",
+         "vpt": "VPT", "clip_adapter": "CLIP-Adapter", "adapter": "Adapter", "adaptformer": "AdaptFormer",
+         "lora": "LoRA", "mrs": "MRS-Adapter"}
+MAIN = ["zeroshot", "full", "mrs"]
+# train.py options that change how a run is done or logged, not its result: never a reason to refuse a folder.
+NOT_SETTINGS = ("out", "resume", "data_root", "workers", "log_every", "save_minutes", "compile")
+PROGRESS_SECONDS = 60
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False, epilog="Other options (--epochs, --batch-size, --clip, --amp, "
+                                "...) are passed to every train.py run.")
+    p.add_argument("--datasets", nargs="+", default=["rsicd", "rsitmd", "ucm"],
+                   help="[rsicd rsitmd ucm]: those found are run, the others said and skipped")
+    p.add_argument("--data-root", help="as train.py's [data; demo: its cache]")
+    p.add_argument("--methods", nargs="+", default=["main"], metavar="METHOD[:LOSS]",
+                   help=f"[main] main ({', '.join(MAIN)}), all (every method of adapter.py), or methods of "
+                        f"{', '.join(adapter.METHODS)}, with the loss after a colon [hmmc]")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2], help="[2, the paper's]")
+    p.add_argument("--lr", type=float, help="[train.py's: 2e-4, demo 1e-3]; full fine-tuning: a tenth of it")
+    p.add_argument("--out", default=os.path.join("runs", "table"),
+                   help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
+    args, forwarded = p.parse_known_args(argv)
+    owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume")]
+    if owned:
+        p.error(f"{' '.join(owned)}: table.py sets these for each run (see --datasets, --methods, --seeds)")
+    every = [m for m in NAMES if m in adapter.METHODS] + [m for m in adapter.METHODS if m not in NAMES]
+    rows = []
+    for name in args.methods:
+        if name in ("main", "all"):
+            rows += [(m, "hmmc") for m in (MAIN if name == "main" else every)]
+        else:
+            method, _, loss = name.partition(":")
+            rows.append((method, loss or "hmmc"))
+    bad = [f"{m}:{loss}" for m, loss in rows if m not in adapter.METHODS or loss not in losses.LOSSES]
+    if bad:
+        p.error(f"unknown method or loss: {', '.join(bad)}")
+    args.rows = list(dict.fromkeys(rows))
+    return args, forwarded
+
+
+def find_datasets(names, root):
+    """(name, root, training pairs) of each dataset data.load_split reads; the others are said and skipped."""
+    found, skipped = [], {}
+    for name in names:
+        try:
+            name, where = data.dataset_location(name, root)  # the demo is generated here
+            data.load_split(name, where, "test")
+            found.append((name, where, len(data.load_split(name, where, "train").captions)))
+        except (FileNotFoundError, ValueError) as e:
+            skipped[name] = str(e)
+            print(f"skipped {name}: {e}")
+    return found, skipped
+
+
+def plan(args, forwarded, datasets):
+    """One cell per dataset x row x seed: its folder, train.py arguments, settings and training pairs."""
+    cells, digests = [], {}
+    for name, root, train_pairs in datasets:
+        for method, loss in args.rows:
+            for seed in args.seeds:
+                out = os.path.join(args.out, name, f"{method}-{loss}-s{seed}")
+                argv = ["--dataset", name, "--data-root", root, "--method", method, "--loss", loss,
+                        "--seed", str(seed), "--out", out, *forwarded]
+                base_lr = args.lr or train.parse_args(argv).lr
+                argv += ["--lr", str(base_lr / 10 if method == "full" else base_lr)]
+                settings = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in NOT_SETTINGS}
+                clip = settings["clip"]
+                if clip and os.path.isfile(clip):  # the same path may come to hold other weights
+                    if clip not in digests:
+                        digests[clip] = weights._sha256_of(clip)
+                    settings["clip_sha256"] = digests[clip]
+                steps = 0 if method == "zeroshot" else train_pairs // settings["batch_size"]
+                cells.append(SimpleNamespace(dataset=name, method=method, loss=loss, seed=seed, out=out, argv=argv,
+                                             settings=settings, base_lr=base_lr, steps=steps, state=None,
+                                             pairs=settings["epochs"] * steps * settings["batch_size"]))
+    return cells
+
+
+def check(cell):
+    """The cell's state ("done", "resume" or "start"); refuses a folder holding a run with other settings."""
+    record, files = os.path.join(cell.out, "cell.json"), os.listdir(cell.out) if os.path.isdir(cell.out) else []
+    if os.path.isfile(record):
+        with open(record) as f:
+            recorded = json.load(f)
+        changed = [f"{k} {recorded.get(k)!r} -> {cell.settings.get(k)!r}" for k in sorted({*recorded, *cell.settings})
+                   if recorded.get(k) != cell.settings.get(k)]
+        if changed:
+            raise SystemExit(f"{cell.out} holds a run with other settings ({'; '.join(changed)}): delete the folder "
+                             "to redo it, or choose another --out")
+    elif files:
+        raise SystemExit(f"{cell.out} holds files this table did not record (no cell.json): move them away")
+    return "done" if "test.json" in files else "resume" if "last.pt" in files else "start"
+
+
+def progress(cell):
+    """(pairs trained, pairs/s) from the newest progress line of the cell's metrics.jsonl; (0, None) before one."""
+    path = os.path.join(cell.out, "metrics.jsonl")
+    if cell.state == "start" or not os.path.isfile(path):  # not started: an old log would be overwritten
+        return 0, None
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut short by a kill is dropped
+    last = next((e for e in reversed(lines) if "pairs_per_s" in e), None)
+    if last is None:
+        return 0, None
+    return ((last["epoch"] - 1) * cell.steps + last["step"]) * cell.settings["batch_size"], last["pairs_per_s"]
+
+
+def eta(cells, rates):
+    """Seconds of training left (evaluation not counted), each cell at its row's measured pairs/s, a row not yet
+    measured at the mean of those that are; None before any speed is known."""
+    if not rates:
+        return None
+    mean = sum(rates.values()) / len(rates)
+    return sum((c.pairs - progress(c)[0]) / rates.get((c.method, c.loss), mean) for c in cells if c.state != "done")
+
+
+def clock(s):
+    if s is None:
+        return "unknown yet"
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def left(cell, cells, rates):
+    return f"left: this run {clock(eta([cell], rates))}, the table {clock(eta(cells, rates))}"
+
+
+def measure(cell, rates):
+    """The cell's (pairs trained, pairs/s), its speed kept in rates."""
+    done, rate = progress(cell)
+    if rate:
+        rates[(cell.method, cell.loss)] = rate
+    return done, rate
+
+
+def watch(cell, cells, rates, label, say, stop):
+    """Every PROGRESS_SECONDS while a cell trains: its speed, its ETA and the whole table's."""
+    while not stop.wait(PROGRESS_SECONDS):
+        done, rate = measure(cell, rates)
+        if rate:
+            say(f"{label}: {done:,}/{cell.pairs:,} pairs at {rate:.1f} pairs/s; {left(cell, cells, rates)}")
+
+
+def run_cells(cells):
+    """train.main for each unfinished cell (its output in <cell>/log.txt), saying the cell's and the table's ETA."""
+    terminal, rates = sys.stdout, {}  # train.py's output goes to the cell's log, these lines to the terminal
+
+    def say(line):
+        print(line, file=terminal, flush=True)
+    for cell in cells:
+        measure(cell, rates)
+    for i, cell in enumerate(cells, 1):
+        if cell.state == "done":
+            continue
+        label, measured = f"cell {i}/{len(cells)} {cell.dataset} {cell.method}-{cell.loss} s{cell.seed}", bool(rates)
+        say(f"{label}: {'resuming' if cell.state == 'resume' else 'starting'}, {cell.pairs:,} pairs to train; "
+            f"{left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
+        os.makedirs(cell.out, exist_ok=True)
+        with open(os.path.join(cell.out, "cell.json"), "w") as f:
+            json.dump(cell.settings, f, indent=1)
+        resume, cell.state, stop = cell.state == "resume", "running", threading.Event()
+        watcher = threading.Thread(target=watch, args=(cell, cells, rates, label, say, stop), daemon=True)
+        watcher.start()
+        try:
+            with open(os.path.join(cell.out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
+                train.main(cell.argv + (["--resume"] if resume else []))
+        finally:
+            stop.set()
+            watcher.join()
+        measure(cell, rates)
+        cell.state = "done"
+        if rates and not measured:  # the first speed known: the first estimate of the total
+            say(f"first speed measured: the rest of the table should take {clock(eta(cells, rates))} of training")
+        with contextlib.suppress(FileNotFoundError):  # only resuming needs it (ViT-B/32 + Adam, full: 1.8 GB)
+            os.remove(os.path.join(cell.out, "last.pt"))
+
+
+def summarise(results):
+    """Per-seed results [{dataset, method, loss, seed, params, metrics}] -> one row per (dataset, method, loss), in
+    first-seen order: mean and sample standard deviation (ddof=1) over seeds, the paper's numbers, ours minus them."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["method"], r["loss"]), []).append(r)
+    rows = []
+    for (dataset, method, loss), runs in groups.items():
+        values = {k: np.array([r["metrics"][k] for r in runs], dtype=float) for k in METRICS}
+        reported = PAPER.get(dataset, {}).get(method) if loss == "hmmc" else None
+        paper = dict(zip(METRICS, reported)) if isinstance(reported, tuple) else {"mR": reported} if reported else {}
+        mean = {k: float(v.mean()) for k, v in values.items()}
+        name = "PE-RSITR (MRS-Adapter + HMMC)" if (method, loss) == ("mrs", "hmmc") else NAMES.get(method, method)
+        rows.append(dict(dataset=dataset, method=method, loss=loss, name=name, params=runs[0]["params"],
+                         seeds=[r["seed"] for r in runs], mean=mean, paper=paper,
+                         std={k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+                         diff={k: mean[k] - v for k, v in paper.items()}))
+    return rows
+
+
+def markdown(rows, total_params):
+    """One line per row; each number: ours [± std over seeds] (the paper's, ours minus the paper's)."""
+    lines = ["| Dataset | Method | Loss | Trainable params | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 "
+             "| t2i R@10 | mR |", "|" + "---|" * 11]
+    for row in rows:
+        cells = [f"{row['mean'][k]:.2f}" + (f" ± {row['std'][k]:.2f}" if len(row["seeds"]) > 1 else "")
+                 + (f" ({row['paper'][k]:.2f}, {row['diff'][k]:+.2f})" if k in row["paper"] else "") for k in METRICS]
+        share = f"{row['params']:,} ({100 * row['params'] / total_params:.2f}%)"
+        loss = row["loss"] if row["method"] != "zeroshot" else "-"
+        lines.append(f"| {row['dataset']} | {row['name']} | {loss} | {share} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows, path, bar=16, group=84, height=150):
+    """A PNG: mR per method, one panel per dataset; ours (a whisker: ± std over seeds) beside the paper's."""
+    ours, theirs, black = (31, 119, 180), (255, 127, 14), (0, 0, 0)
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    keys = list(dict.fromkeys((r["method"], r["loss"]) for r in rows))
+    left, top, panel = 32, 26, height + 44
+    image = Image.new("RGB", (left + group * len(keys), top + panel * len(datasets)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (label, colour) in enumerate((("ours", ours), ("paper", theirs))):
+        draw.rectangle([left + 70 * i, 8, left + 70 * i + 10, 18], fill=colour)
+        draw.text((left + 70 * i + 14, 6), label, fill=black)
+    for d, dataset in enumerate(datasets):
+        base = top + d * panel + 16 + height  # the panel's mR = 0 line
+
+        def y(value):
+            return round(base - value * height / 100)
+        draw.text((left, base - height - 16), f"{dataset}: mR", fill=black)
+        for tick in (0, 50, 100):
+            draw.line([left, y(tick), image.width, y(tick)], fill=(215, 215, 215))
+            draw.text((4, y(tick) - 6), str(tick), fill=black)
+        for row in (r for r in rows if r["dataset"] == dataset):
+            x = left + 6 + group * keys.index((row["method"], row["loss"]))
+            for k, (value, colour) in enumerate(((row["mean"]["mR"], ours), (row["paper"].get("mR"), theirs))):
+                if value is not None:
+                    draw.rectangle([x + k * bar, y(value), x + (k + 1) * bar - 1, base], fill=colour)
+            mean, std = row["mean"]["mR"], row["std"]["mR"]
+            if std:
+                draw.line([x + bar // 2, y(mean - std), x + bar // 2, y(mean + std)], fill=black)
+            draw.text((x, base + 4), row["method"] + ("" if row["loss"] == "hmmc" else f":{row['loss']}"), fill=black)
+    image.save(path)
+
+
+def write(args, cells, params, total_params, skipped):
+    """table.md, table.json and table.png under --out, from the cells' test.json files; returns the rows."""
+    results = []
+    for c in cells:
+        with open(os.path.join(c.out, "test.json")) as f:
+            results.append(dict(dataset=c.dataset, method=c.method, loss=c.loss, seed=c.seed, params=params[c.method],
+                                metrics={k: v for k, v in json.load(f).items() if k in METRICS}))
+    rows, s = summarise(results), cells[0].settings
+    spread = f" (mean ± std over seeds {', '.join(map(str, args.seeds))})" if len(args.seeds) > 1 else ""
+    text = (f"Test split. Each number: ours{spread} (the paper's, ours minus the paper's) where the paper reports it. "
+            f"train.py settings: epochs {s['epochs']}, batch {s['batch_size']}, lr {cells[0].base_lr:g} (full "
+            f"fine-tuning {cells[0].base_lr / 10:g}), backbone {s['clip'] or 'train.py default'}. Datasets skipped: "
+            f"{', '.join(skipped) or 'none'}.\n\n" + markdown(rows, total_params))
+    with open(os.path.join(args.out, "table.md"), "w") as md, open(os.path.join(args.out, "table.json"), "w") as js:
+        md.write(text)
+        json.dump(dict(rows=rows, runs=results, skipped=skipped), js, indent=1)
+    figure(rows, os.path.join(args.out, "table.png"))
+    print("\n" + text, flush=True)
+    return rows
+
+
+def main(argv=None):
+    args, forwarded = parse_args(argv)
+    datasets, skipped = find_datasets(args.datasets, args.data_root)
+    if not datasets:
+        raise SystemExit("no dataset found: see the lines above, and the README's Datasets section")
+    cells, started = plan(args, forwarded, datasets), time.time()
+    for cell in cells:  # every folder is checked before anything trains
+        cell.state = check(cell)
+    states = [c.state for c in cells]
+    print(f"{len(cells)} runs ({len(datasets)} datasets x {len(args.rows)} methods x {len(args.seeds)} seeds): "
+          f"{states.count('done')} finished, {states.count('resume')} to resume, {states.count('start')} to start; "
+          f"{sum(c.pairs for c in cells):,} training pairs in all", flush=True)
+    backbone = evaluate.load_backbone(cells[0].settings["clip"], cells[0].dataset, 0, torch.device("cpu"))
+    params = {m: adapter.count_trainable(adapter.apply(copy.deepcopy(backbone), m)) for m, _ in args.rows}
+    total_params = sum(p.numel() for p in backbone.parameters())
+    del backbone  # not held in memory while the runs train
+    run_cells(cells)
+    rows = write(args, cells, params, total_params, skipped)
+    print(f"{time.time() - started:.0f}s; written to {args.out}: table.md, table.json, table.png")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: the same command continues (finished runs are kept, the interrupted one "
+                         "resumes from its last save)")
