@@ -92,10 +92,13 @@ def payload(kind, marker):
     # Protocol-0 pickles that call the named global; each is checked below to really create the marker.
     if kind == "os.system":
         return f"cos\nsystem\n(Vtouch {marker}\ntR.".encode()
-    return f"cbuiltins\neval\n(Vopen({str(marker)!r}, 'w').close()\ntR.".encode()
+    if kind == "builtins.eval":
+        return f"cbuiltins\neval\n(Vopen({str(marker)!r}, 'w').close()\ntR.".encode()
+    module, name = kind.rsplit(".", 1)  # a torch function that writes a file: torch.save(None, marker)
+    return f"c{module}\n{name}\n(NV{marker}\ntR.".encode()
 
 
-@pytest.mark.parametrize("kind", ["os.system", "builtins.eval"])
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "torch.save", "torch.serialization.save"])
 def test_refuses_code_in_torchscript_archive(tmp_path, kind):
     live_marker = tmp_path / "live_marker"
     pickle.loads(payload(kind, live_marker))  # the payload is live: an ordinary unpickler runs it
@@ -109,21 +112,27 @@ def test_refuses_code_in_torchscript_archive(tmp_path, kind):
     assert not marker.exists()
 
 
-class RunsCommand:
-    def __init__(self, command):
-        self.command = command
+class Calls:
+    """Pickles as a call of `function(*args)`, which unpickling it runs."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return os.system, (self.command,)
+        return self.function, self.args
 
 
-def test_refuses_code_in_saved_file(tmp_path):
+@pytest.mark.parametrize("kind", ["os.system", "torch.save"])
+def test_refuses_code_in_saved_file(tmp_path, kind):
     marker = tmp_path / "marker"
+    call = Calls(os.system, f"touch {marker}") if kind == "os.system" else Calls(torch.save, None, str(marker))
     path = tmp_path / "evil.pt"
-    torch.save({"weight": torch.zeros(2), "hook": RunsCommand(f"touch {marker}")}, path)
+    torch.save({"weight": torch.zeros(2), "hook": call}, path)
     with pytest.raises(ValueError, match="neither a TorchScript archive nor a state_dict"):
         weights.read_state_dict(path)
     assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: the unrestricted loader runs it
+    assert marker.exists()
 
 
 def test_refuses_truncated_storage(archive, tmp_path):
