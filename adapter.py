@@ -326,6 +326,18 @@ def encode_views(model, images, tokens, p=VIEW_DROPOUT):
     return image, text, image_aug, text_aug
 
 
+class ViewsEncoder(nn.Module):
+    """The clean and augmented embeddings of a batch in one pass, as a module DDP can wrap."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, tokens):
+        # CLIP's temperature rides along for the InfoNCE loss (trainable only under full fine-tuning).
+        return (*encode_views(self.model, images, tokens), self.model.logit_scale.exp())
+
+
 def count_trainable(model):
     """Number of trainable parameters, each shared tensor once (works on the meta device too)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

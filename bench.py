@@ -29,8 +29,8 @@ from PIL import Image
 import adapter
 import clip_min
 import data
-import evaluate
 import losses
+import runtime
 import train
 
 FLOPS_NOTE = ("useful FLOPs: analytic matmul FLOPs of what a step needs, the forward of the clean and augmented "
@@ -174,7 +174,7 @@ def prepare(path, opts, batch):
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     if device.type == "cpu":
-        evaluate.keep_freed_memory()  # as train.py does, here for both paths: the allocator is the process's
+        runtime.keep_freed_memory()  # as train.py does, here for both paths: the allocator is the process's
     model = build_ours(config, opts.method).to(device)
     images, tokens = inputs(config, batch, device)
     test_images, test_tokens = inputs(config, opts.test_images, device, seed=1)
@@ -186,8 +186,8 @@ def prepare(path, opts, batch):
         train_fn = lambda: model.step(optimizer, images, tokens)  # noqa: E731
         encode_fn = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
     else:
-        train.keep_frozen_weights_in(model, opts.amp)  # as train.py does
-        encoder = train.ViewsEncoder(model)
+        runtime.keep_frozen_weights_in(model, opts.amp)  # as train.py does
+        encoder = adapter.ViewsEncoder(model)
         encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
         args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=losses.MARGIN,
                                   grad_clip=0.0)
@@ -196,7 +196,7 @@ def prepare(path, opts, batch):
         optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
         host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
         train_fn = lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args)  # noqa: E731
-        encode_fn = evaluate.autocast(device.type, opts.amp)(lambda: (model.encode_image(test_images),
+        encode_fn = runtime.autocast(device.type, opts.amp)(lambda: (model.encode_image(test_images),
                                                                         model.encode_text(test_cut)))
     parts = {"encode": (encode_fn, "images_per_s", len(test_images),
                         useful_flops(config, len(test_images), len(test_tokens), test_cut.shape[1], False))}
@@ -330,7 +330,7 @@ def main(argv=None):
     opts = parse_args(argv)
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
-    opts.amp = opts.amp or evaluate.default_amp(device, say=say)
+    opts.amp = opts.amp or runtime.default_amp(device, say=say)
     report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),
                   flops=FLOPS_NOTE, results={})
     if device.type == "cuda":  # eff: model FLOP utilisation

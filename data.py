@@ -130,9 +130,9 @@ def load_split(name, root, split, seed=2):
     return result
 
 
-def dataset_location(name, root=None):
-    """The (name, root) to read `name` from: the demo is generated once into `root` (default: the demo cache), then
-    read like RSITMD; any other dataset is read from `root` (default: data/)."""
+def prepare_dataset(name, root=None):
+    """The (name, root) to read `name` from. The demo is first generated into `root` (default: the demo cache) unless
+    it is there already, then read like RSITMD; any other dataset is read from `root` (default: data/)."""
     if name == "demo":
         root = root or DEMO_ROOT
         return make_demo(root), root

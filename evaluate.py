@@ -6,7 +6,6 @@ setting that it and train.py share).
     python evaluate.py --checkpoint runs/x/best.pt --visualize 5            # also a PNG gallery of the top 5
 """
 import argparse
-import ctypes
 import glob
 import json
 import os
@@ -20,11 +19,7 @@ from PIL import Image, ImageDraw
 import adapter
 import clip_min
 import data
-
-DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-clip.pt")
-# A CLIP small enough to train from scratch on a CPU, for the demo when no pretrained checkpoint is at hand.
-TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
-                                text_width=128, text_layers=4)
+import runtime
 
 
 def hit_probability(above, tied, truths, k, ties="expected"):
@@ -105,36 +100,11 @@ def tie_bounds(similarity, metrics):
             f"{low:.2f} if every tie went against the truth, {high:.2f} if every one went for it")
 
 
-def autocast(device_type, amp):
-    """Mixed precision for --amp bf16 or fp16 (a no-op context for off)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 runs several times
-    faster than fp32; without them bf16 is emulated and slower than fp32."""
-    return any(getattr(torch.cpu, query, bool)() for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def default_amp(device, say=print):
-    """bf16 autocast where the hardware computes bf16 natively (most GPUs; CPUs with AVX512-BF16 or AMX), else fp32.
-    The choice and its reason are said once."""
-    if device.type == "cuda":
-        amp, why = ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("off", "no bf16 on this GPU")
-    elif cpu_has_native_bf16():
-        amp, why = "bf16", "this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)"
-    else:
-        amp, why = "off", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
-    say(f"precision: --amp {amp} ({why}; set --amp to choose)")
-    return amp
-
-
 def similarity(model, images, tokens, device, amp="off", batch_size=128, progress_seconds=10.0):
     """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx].
     A progress line at most every `progress_seconds` (a large split on a CPU takes minutes)."""
     features, said_at = {"images": [], "captions": []}, time.time()
-    with torch.no_grad(), autocast(device.type, amp):
+    with torch.no_grad(), runtime.autocast(device.type, amp):
         for kind, inputs in (("images", images), ("captions", tokens)):
             for i in range(0, len(inputs), batch_size):
                 if kind == "images":
@@ -152,23 +122,6 @@ def format_metrics(m):
     """The paper's layout: image->text R@1/5/10 | text->image R@1/5/10 | mR."""
     return (f"i2t R@1/5/10 {m['i2t_R@1']:.2f}/{m['i2t_R@5']:.2f}/{m['i2t_R@10']:.2f} | "
             f"t2i R@1/5/10 {m['t2i_R@1']:.2f}/{m['t2i_R@5']:.2f}/{m['t2i_R@10']:.2f} | mR {m['mR']:.2f}")
-
-
-def load_backbone(clip, dataset, seed, device, activation=None):
-    """The frozen CLIP: a released name, a checkpoint path or a Hugging Face folder (activation: see clip_min.load);
-    for the demo, the bundled mini CLIP if present, else a randomly initialised tiny CLIP (the same one for a given
-    seed, so a trained adapter finds its backbone again)."""
-    if clip is None and dataset == "demo":
-        found = os.path.isfile(DEMO_CLIP)
-        backbone = "a mini CLIP pretrained on synthetic data" if found else "a randomly initialised tiny CLIP"
-        print(f"demo: synthetic images and captions, and {backbone} instead of OpenAI's ViT-B/32. This run "
-              "demonstrates the pipeline; its numbers say nothing about the paper's.")
-        if found:
-            clip = DEMO_CLIP
-        else:
-            torch.manual_seed(seed)
-            return clip_min.CLIP(TINY_CLIP).to(device).eval()
-    return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
 
 
 def official_model(path, device):
@@ -226,20 +179,6 @@ def latest_run(root="runs"):
     return max(found, key=os.path.getmtime)
 
 
-def keep_freed_memory():
-    """CPU speed: freed tensors stay in the process for the next step instead of going back to the OS (glibc).
-
-    glibc returns every block above 32 MB to the OS when it is freed (at batch 64 one MLP activation of ViT-B/32 is
-    80 MB), and the next step page-faults and zero-fills it again: a fifth of a CPU training step went there.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: large blocks come from the heap, where freed memory is reused
-        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the heap's free top is kept, not trimmed after each step
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows): nothing to tune
-        pass
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
     p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
@@ -286,7 +225,7 @@ def build(args, p, device):
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     args.data_root = args.data_root or saved.get("data_root")
     method = args.method or state["method"]
-    backbone = load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
+    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
                              args.clip_activation or state.get("activation"))
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
     model = adapter.apply(backbone, method, **options).to(device).eval()
@@ -299,11 +238,11 @@ def main(argv=None):
     args, p = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        keep_freed_memory()
+        runtime.keep_freed_memory()
     model, method, saved = build(args, p, device)
     # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
-    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or default_amp(device)
-    name, root = data.dataset_location(args.dataset, args.data_root)
+    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
+    name, root = data.prepare_dataset(args.dataset, args.data_root)
     split = data.load_split(name, root, args.split)
     images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
     tokens = clip_min.tokenize(split.captions, truncate=True)

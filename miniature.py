@@ -20,6 +20,7 @@ import clip_min
 import data
 import evaluate
 import losses
+import runtime
 import table as table_py
 
 # heads = width // 64; the text width stays above the MRS-Adapter's bottleneck of 64. The 49408 x 128 token
@@ -41,7 +42,7 @@ def save_openai_format(model, path):
         torch.jit.save(traced.half(), str(path))
 
 
-def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train=6000, n_test=200, seed=0,
+def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train=6000, n_test=200, seed=0,
              root=None, log_every=50):
     """Contrastive pretraining (CLIP's InfoNCE with a learned temperature) on the natural domain; returns the
     fp32 model and the natural-domain test metrics of the saved (fp16) file."""
@@ -89,7 +90,7 @@ def pretrain(out=evaluate.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_trai
     return model, metrics
 
 
-def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "miniature"), clip=evaluate.DEMO_CLIP):
+def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "miniature"), clip=runtime.DEMO_CLIP):
     """table.py on the demo (remote) domain with the mini CLIP: every method, and the MRS-Adapter with InfoNCE too;
     writes <out_root>/table.md. Stopped, it continues where it was, as table.py does."""
     if not os.path.isfile(clip):
@@ -102,7 +103,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain", help="pretrain the mini CLIP on the natural domain")
-    p.add_argument("--out", default=evaluate.DEMO_CLIP)
+    p.add_argument("--out", default=runtime.DEMO_CLIP)
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     t = commands.add_parser("table", help="transfer it to the remote domain with every method")

@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw
 
 import adapter
 import data
-import evaluate
 import losses
+import runtime
 import train
 from clip_min import weights
 
@@ -101,7 +101,7 @@ def find_datasets(names, root):
     found, skipped = [], {}
     for name in names:
         try:
-            name, where = data.dataset_location(name, root)  # the demo is generated here
+            name, where = data.prepare_dataset(name, root)
             data.load_split(name, where, "test")
             found.append((name, where, len(data.load_split(name, where, "train").captions)))
         except (FileNotFoundError, ValueError) as e:
@@ -330,7 +330,7 @@ def main(argv=None):
     print(f"{len(cells)} runs ({len(datasets)} datasets x {len(args.rows)} methods x {len(args.seeds)} seeds): "
           f"{states.count('done')} finished, {states.count('resume')} to resume, {states.count('start')} to start; "
           f"{sum(c.pairs for c in cells):,} training pairs in all", flush=True)
-    backbone = evaluate.load_backbone(cells[0].settings["clip"], cells[0].dataset, 0, torch.device("cpu"))
+    backbone = runtime.load_backbone(cells[0].settings["clip"], cells[0].dataset, 0, torch.device("cpu"))
     params = {m: adapter.count_trainable(adapter.apply(copy.deepcopy(backbone), m)) for m, _ in args.rows}
     total_params = sum(p.numel() for p in backbone.parameters())
     del backbone  # not held in memory while the runs train

@@ -26,6 +26,7 @@ import clip_min
 import data
 import evaluate
 import losses
+import runtime
 
 
 def parse_args(argv=None):
@@ -73,11 +74,11 @@ def parse_args(argv=None):
 def load_data(args, resolution, rank):
     """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits, images decoded
     once into memory. The validation images are listed in <out>/val_images.txt."""
-    if rank == 0:  # the demo is generated once, by one process
-        data.dataset_location(args.dataset, args.data_root)
-    if dist.is_initialized():
+    if dist.is_initialized() and rank != 0:
+        dist.barrier()  # rank 0 generates the demo, if it is needed, before the others read it
+    name, root = data.prepare_dataset(args.dataset, args.data_root)
+    if dist.is_initialized() and rank == 0:
         dist.barrier()
-    name, root = data.dataset_location(args.dataset, args.data_root)
     splits = {}
     for part in ("train", "val", "test"):
         split = data.load_split(name, root, part, seed=args.seed)
@@ -90,25 +91,13 @@ def load_data(args, resolution, rank):
     return splits
 
 
-class ViewsEncoder(nn.Module):
-    """The clean and augmented embeddings of a batch in one pass, as a module DDP can wrap."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, tokens):
-        # CLIP's temperature rides along for the InfoNCE loss (trainable only under full fine-tuning).
-        return (*adapter.encode_views(self.model, images, tokens), self.model.logit_scale.exp())
-
-
 def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     """One optimisation step on a batch: clean + augmented views -> loss -> backward -> step. Returns the terms.
     tokens may stay on the CPU: they are cut there and then moved to the images' device."""
     # Cut to the longest caption while the tokens are still on the host, where reading the length costs no wait
     # for the GPU.
     tokens = clip_min.trim(tokens).to(images.device, non_blocking=True)
-    with evaluate.autocast(images.device.type, args.amp):
+    with runtime.autocast(images.device.type, args.amp):
         *views, logit_scale = encoder(images, tokens)
     # Negatives come from every process's batch (identity on a single process).
     image, text, image_aug, text_aug = (losses.gather_with_grad(v.float()) for v in views)
@@ -124,22 +113,6 @@ def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     scaler.update()
     # Detached tensors, not floats: reading a number would make the CPU wait for the GPU at every step.
     return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-
-
-def keep_frozen_weights_in(model, amp):
-    """Under bf16/fp16 autocast, store the frozen weights that only matrix products read in that precision, once.
-
-    Autocast caches the low-precision copy of trainable weights only: a frozen backbone's weights were cast again at
-    every call (about 15% of a bf16 CPU training step). The cast is the same rounding autocast makes, so every
-    result is unchanged. LoRA adds its update to the attention's input projection in fp32: that one stays.
-    """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    for module in model.modules() if dtype else []:
-        reads_by_matmul = isinstance(module, (nn.Linear, nn.Conv2d)) or (
-            isinstance(module, clip_min.model.Attention) and model.petl_method != "lora")
-        for p in module.parameters(recurse=False) if reads_by_matmul else []:
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
 
 
 def log(*a):
@@ -182,24 +155,24 @@ def start(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-        evaluate.keep_freed_memory()
+        runtime.keep_freed_memory()
     if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
         sys.stdout = open(os.devnull, "w")
-    args.amp = args.amp or evaluate.default_amp(device, say=log)
+    args.amp = args.amp or runtime.default_amp(device, say=log)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    backbone = evaluate.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
+    backbone = runtime.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
     model = adapter.apply(backbone, args.method).to(device)
-    keep_frozen_weights_in(model, args.amp)
+    runtime.keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
     splits = load_data(args, model.visual.input_resolution, rank)
     if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
         splits["train"] = (splits["train"][0].to(device), splits["train"][1])
-    encoder = ViewsEncoder(model)
+    encoder = adapter.ViewsEncoder(model)
     if distributed and any(p.requires_grad for p in model.parameters()):  # zero-shot has nothing to synchronise
         # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
         encoder = nn.parallel.DistributedDataParallel(

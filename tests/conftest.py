@@ -9,7 +9,7 @@ import torch
 
 import clip_min
 import data
-import evaluate
+import runtime
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
@@ -79,6 +79,6 @@ def exact_cpu(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "demo-cache"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     yield
     torch.set_num_threads(threads)

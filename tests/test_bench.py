@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import adapter
 import bench
 import clip_min
-import evaluate
+import runtime
 import train
 
 
@@ -32,7 +32,7 @@ def test_released_path_matches_ours():
 
     args = argparse.Namespace(amp="off", loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
     our_params = [p for p in ours.parameters() if p.requires_grad]
-    terms = train.train_step(train.ViewsEncoder(ours), torch.optim.Adam(our_params),
+    terms = train.train_step(adapter.ViewsEncoder(ours), torch.optim.Adam(our_params),
                              torch.amp.GradScaler("cpu", enabled=False), images, tokens, torch.arange(4), args)
     loss = released.step(torch.optim.Adam(released.adapter.parameters()), images, tokens)
     assert terms["loss"] > 0.1  # hinges are active, so gradients flow
@@ -63,7 +63,7 @@ def test_main_prints_json(capsys):
     assert printed == json.loads(json.dumps(report))
     expected = {"model", "method", "device", "amp", "flops", "max_abs_diff", "input", "results"}
     assert expected <= set(printed)
-    assert printed["amp"] == evaluate.default_amp(torch.device("cpu"), say=lambda line: None)  # the CPU's best
+    assert printed["amp"] == runtime.default_amp(torch.device("cpu"), say=lambda line: None)  # the CPU's best
     assert printed["matmul_gflops"]["fp32"] > 0 and printed["matmul_gflops"]["bf16"] > 0
     assert max(printed["max_abs_diff"].values()) < 1e-5
     row = printed["results"]["4"]

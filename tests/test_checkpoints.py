@@ -19,6 +19,7 @@ import transformers
 import adapter
 import clip_min
 import evaluate
+import runtime
 from clip_min import weights
 from conftest import MICRO, SMALL, reference_clip, save_openai_archive
 
@@ -357,7 +358,7 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
     path = tmp_path / "model_best.pth.tar"
     write_released_training_checkpoint(path, tmp_path / "marker")
     monkeypatch.setattr(weights, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     evaluate.main(["--official-checkpoint", str(path), "--dataset", world.name, "--data-root", world.root,
                    "--workers", "1"])
     out = capsys.readouterr().out
@@ -371,7 +372,7 @@ def test_a_run_records_its_backbones_activation(tmp_path, monkeypatch):
     import train
     from conftest import make_world
     world = make_world(tmp_path / "world")
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     common = ["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
               "--batch-size", "8", "--epochs", "1", "--out", str(tmp_path / "run")]

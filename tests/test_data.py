@@ -304,10 +304,10 @@ def test_demo_generation_is_resumable_and_has_two_domains(tmp_path):
 
 def test_demo_location_follows_data_root(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEMO_ROOT", str(tmp_path / "cache"))
-    assert data.dataset_location("rsitmd", None) == ("rsitmd", "data")
-    assert data.dataset_location("rsitmd", "elsewhere") == ("rsitmd", "elsewhere")
-    assert data.dataset_location("demo", None) == ("demo", str(tmp_path / "cache"))
-    assert data.dataset_location("demo", str(tmp_path / "mine")) == ("demo", str(tmp_path / "mine"))
+    assert data.prepare_dataset("rsitmd", None) == ("rsitmd", "data")
+    assert data.prepare_dataset("rsitmd", "elsewhere") == ("rsitmd", "elsewhere")
+    assert data.prepare_dataset("demo", None) == ("demo", str(tmp_path / "cache"))
+    assert data.prepare_dataset("demo", str(tmp_path / "mine")) == ("demo", str(tmp_path / "mine"))
     assert (tmp_path / "cache/demo_precomp/complete.json").is_file()
     assert (tmp_path / "mine/demo_precomp/complete.json").is_file()
 

@@ -17,6 +17,7 @@ from PIL import Image
 import adapter
 import clip_min
 import evaluate
+import runtime
 import train
 from conftest import MICRO, make_world
 
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:  # as exact_cpu does for each test
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        patch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+        patch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
         train.main(["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
                     "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out", str(root / "run")])
     torch.set_num_threads(threads)
@@ -196,14 +197,14 @@ def test_similarity_is_exact():
 def test_freed_memory_is_reused_without_page_faults():
     """After keep_freed_memory, a large tensor freed and allocated again costs no page faults (before: one per page)."""
     code = """if True:
-        import resource, torch, evaluate
+        import resource, torch, runtime
         def faults():
             x = torch.ones(2 ** 25); del x  # 128 MB: above glibc's largest mmap threshold
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             x = torch.ones(2 ** 25); del x
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         plain = faults()
-        evaluate.keep_freed_memory()
+        runtime.keep_freed_memory()
         faults()
         print(plain, faults())"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,9 +216,9 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_demo_backbone_without_the_bundled_checkpoint(monkeypatch, capsys):
     """Without assets/mini-clip.pt the demo falls back to a random tiny CLIP, the same one for the same seed (so that
     evaluate.py finds the backbone a demo run trained its adapter on), and says so."""
-    monkeypatch.setattr(evaluate, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
+    monkeypatch.setattr(runtime, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
     cpu = torch.device("cpu")
-    a, b, c = (evaluate.load_backbone(None, "demo", seed, cpu) for seed in (2, 2, 3))
-    assert a.config == evaluate.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
+    a, b, c = (runtime.load_backbone(None, "demo", seed, cpu) for seed in (2, 2, 3))
+    assert a.config == runtime.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.visual.proj, c.visual.proj)

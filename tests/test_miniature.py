@@ -6,20 +6,20 @@ import torch
 
 import adapter
 import clip_min
-import evaluate
 import miniature
+import runtime
 import table
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 
 
 def test_committed_checkpoint_loads_with_the_mini_architecture():
-    assert zipfile.is_zipfile(evaluate.DEMO_CLIP), "assets/mini-clip.pt must be a TorchScript archive"
-    model, preprocess = clip_min.load(evaluate.DEMO_CLIP)
+    assert zipfile.is_zipfile(runtime.DEMO_CLIP), "assets/mini-clip.pt must be a TorchScript archive"
+    model, preprocess = clip_min.load(runtime.DEMO_CLIP)
     assert model.config == miniature.MINI_CONFIG
     assert list(model.state_dict()) == list(clip_min.CLIP(miniature.MINI_CONFIG).state_dict())
     # OpenAI's format: the archive itself stores fp16 weights (torch.jit.load is fine on our own file).
-    stored = torch.jit.load(evaluate.DEMO_CLIP, map_location="cpu").state_dict()
+    stored = torch.jit.load(runtime.DEMO_CLIP, map_location="cpu").state_dict()
     assert all(v.dtype == torch.float16 for v in stored.values())
     image = torch.randn(2, 3, 64, 64)
     features = model.encode_image(image)
@@ -62,4 +62,4 @@ def test_table_is_table_py_on_the_demo_with_every_method(monkeypatch, tmp_path):
     args, forwarded = table.parse_args(calls[0])
     assert args.datasets == ["demo"] and args.seeds == [0, 1] and args.lr == 1e-3 and args.out == str(tmp_path)
     assert sorted(args.rows) == sorted([(m, "hmmc") for m in adapter.METHODS] + [("mrs", "infonce")])
-    assert forwarded == ["--clip", evaluate.DEMO_CLIP, "--epochs", "2"]
+    assert forwarded == ["--clip", runtime.DEMO_CLIP, "--epochs", "2"]

@@ -6,14 +6,15 @@ import torch.nn.functional as F
 
 import clip_min
 import evaluate
+import runtime
 from conftest import VIT_B_32, reference_clip
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "off")])
 def test_cpu_default_follows_the_bf16_units(monkeypatch, native, expected):
-    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     said = []
-    assert evaluate.default_amp(torch.device("cpu"), say=said.append) == expected
+    assert runtime.default_amp(torch.device("cpu"), say=said.append) == expected
     assert len(said) == 1 and f"--amp {expected}" in said[0]
     assert ("has bf16 matrix instructions" if native else "slower than fp32") in said[0]
 
@@ -22,7 +23,7 @@ def test_the_capability_query_asks_torch(monkeypatch):
     for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert evaluate.cpu_has_native_bf16() == (avx512_bf16 or amx)
+        assert runtime.cpu_has_native_bf16() == (avx512_bf16 or amx)
 
 
 def test_bf16_autocast_embeddings_stay_close_to_fp32():
@@ -35,7 +36,7 @@ def test_bf16_autocast_embeddings_stay_close_to_fp32():
                                               "a baseball field", "dense residential buildings"]))
     with torch.no_grad():
         fp32 = model.encode_image(images), model.encode_text(tokens)
-        with evaluate.autocast("cpu", "bf16"):
+        with runtime.autocast("cpu", "bf16"):
             bf16 = model.encode_image(images), model.encode_text(tokens)
     for a, b in zip(fp32, bf16):
         assert b.dtype == torch.bfloat16  # autocast really ran the matrix products in bf16
@@ -77,10 +78,10 @@ def test_frozen_weights_kept_in_bf16_change_no_result(method):
     for keep in (False, True):
         model = copy.deepcopy(base)
         if keep:
-            train.keep_frozen_weights_in(model, "bf16")
+            runtime.keep_frozen_weights_in(model, "bf16")
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         torch.manual_seed(1)
-        terms = train.train_step(train.ViewsEncoder(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+        terms = train.train_step(adapter.ViewsEncoder(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                  images, tokens, None, args)
         results.append((model, terms["loss"]))
     (plain, plain_loss), (kept, kept_loss) = results

@@ -12,8 +12,8 @@ import torch
 import adapter
 import clip_min
 import data
-import evaluate
 import losses
+import runtime
 import train
 from conftest import MICRO
 from test_train import REPO, initial_trainable, max_change, read_metrics, run, trainable, world  # noqa: F401
@@ -65,7 +65,7 @@ def test_infonce_step_uses_the_models_temperature():
     assert not torch.isclose(expected, losses.infonce(image, text))  # the temperature matters for this batch
     params = [p for p in model.parameters() if p.requires_grad]
     args = train.parse_args(["--loss", "infonce", "--amp", "off"])
-    terms = train.train_step(train.ViewsEncoder(model), torch.optim.Adam(params), torch.amp.GradScaler("cpu"),
+    terms = train.train_step(adapter.ViewsEncoder(model), torch.optim.Adam(params), torch.amp.GradScaler("cpu"),
                              images, tokens, torch.arange(4), args)
     torch.testing.assert_close(terms["loss"], expected)
 
@@ -81,7 +81,7 @@ def test_recipe_defaults(monkeypatch):
     assert (demo.epochs, demo.lr) == (6, 1e-3)  # the demo: minutes on a CPU
     loaded = []
     monkeypatch.setattr(clip_min, "load", lambda name, **kwargs: loaded.append(name) or (None, None))
-    evaluate.load_backbone(args.clip, args.dataset, args.seed, torch.device("cpu"))
+    runtime.load_backbone(args.clip, args.dataset, args.seed, torch.device("cpu"))
     assert loaded == ["ViT-B/32"]
 
 
@@ -148,7 +148,7 @@ def test_a_crash_while_saving_keeps_the_previous_last_pt(world, tmp_path, monkey
 def test_fp16_clips_the_unscaled_gradient(monkeypatch):
     """Under --amp fp16 the loss is scaled for backward; the clip must see the true gradient, unscaled first."""
     model, images, tokens = micro_model_and_batch()
-    encoder, params = train.ViewsEncoder(model), [p for p in model.parameters() if p.requires_grad]
+    encoder, params = adapter.ViewsEncoder(model), [p for p in model.parameters() if p.requires_grad]
     with torch.autocast("cpu", dtype=torch.float16):  # the true gradient of the same fp16 computation, no scaler
         image, text, *_ = encoder(images, clip_min.trim(tokens))
     losses.vse_sum(image.float(), text.float()).backward()

@@ -15,6 +15,7 @@ import clip_min
 import data
 import evaluate
 import losses
+import runtime
 import train
 from conftest import MICRO, make_world
 
@@ -57,7 +58,7 @@ def trainable(path):
 def initial_trainable(world, method, seed=2):
     """The trainable tensors train.py starts from (same seed, same construction order)."""
     torch.manual_seed(seed)
-    model = adapter.apply(evaluate.load_backbone(world.clip, world.name, seed, torch.device("cpu")), method)
+    model = adapter.apply(runtime.load_backbone(world.clip, world.name, seed, torch.device("cpu")), method)
     return model, {k: v.clone() for k, v in adapter.trainable_state_dict(model).items()}
 
 
@@ -332,7 +333,7 @@ def test_compiled_encoder_matches_eager():
     tokens = clip_min.tokenize(["a red roof", "two ships in a harbour", "a road", "green fields near a river"])
     tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
     results = []
-    for encoder in (train.ViewsEncoder(model), torch.compile(train.ViewsEncoder(model))):
+    for encoder in (adapter.ViewsEncoder(model), torch.compile(adapter.ViewsEncoder(model))):
         model.zero_grad(set_to_none=True)
         *views, _ = encoder(images, tokens)
         losses.hmmc(*views)[0].backward()

@@ -1,0 +1,89 @@
+"""The run-time choices train.py, evaluate.py, bench.py and table.py share: which backbone (and the demo's), which
+precision (bf16 where the hardware computes it natively), and the CPU allocator setting."""
+import ctypes
+import os
+
+import torch
+import torch.nn as nn
+
+import clip_min
+
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-clip.pt")
+# A CLIP small enough to train from scratch on a CPU, for the demo when no pretrained checkpoint is at hand.
+TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
+                                text_width=128, text_layers=4)
+
+
+def load_backbone(clip, dataset, seed, device, activation=None):
+    """The frozen CLIP: a released name, a checkpoint path or a Hugging Face folder (activation: see clip_min.load);
+    for the demo, the bundled mini CLIP if present, else a randomly initialised tiny CLIP (the same one for a given
+    seed, so a trained adapter finds its backbone again)."""
+    if clip is None and dataset == "demo":
+        found = os.path.isfile(DEMO_CLIP)
+        backbone = "a mini CLIP pretrained on synthetic data" if found else "a randomly initialised tiny CLIP"
+        print(f"demo: synthetic images and captions, and {backbone} instead of OpenAI's ViT-B/32. This run "
+              "demonstrates the pipeline; its numbers say nothing about the paper's.")
+        if found:
+            clip = DEMO_CLIP
+        else:
+            torch.manual_seed(seed)
+            return clip_min.CLIP(TINY_CLIP).to(device).eval()
+    return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX), where bf16 runs several times
+    faster than fp32; without them bf16 is emulated and slower than fp32."""
+    return any(getattr(torch.cpu, query, bool)() for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def default_amp(device, say=print):
+    """bf16 autocast where the hardware computes bf16 natively (most GPUs; CPUs with AVX512-BF16 or AMX), else fp32.
+    The choice and its reason are said once."""
+    if device.type == "cuda":
+        amp, why = ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("off", "no bf16 on this GPU")
+    elif cpu_has_native_bf16():
+        amp, why = "bf16", "this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)"
+    else:
+        amp, why = "off", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
+    say(f"precision: --amp {amp} ({why}; set --amp to choose)")
+    return amp
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp off: fp32
+
+
+def autocast(device_type, amp):
+    """Mixed precision for --amp bf16 or fp16 (a no-op context for off)."""
+    dtype = AMP_DTYPES.get(amp)
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def keep_frozen_weights_in(model, amp):
+    """Under bf16/fp16 autocast, store the frozen weights that only matrix products read in that precision, once.
+
+    Autocast caches the low-precision copy of trainable weights only: a frozen backbone's weights were cast again at
+    every call (about 15% of a bf16 CPU training step). The cast is the same rounding autocast makes, so every
+    result is unchanged. LoRA adds its update to the attention's input projection in fp32: that one stays.
+    """
+    dtype = AMP_DTYPES.get(amp)
+    for module in model.modules() if dtype else []:
+        reads_by_matmul = isinstance(module, (nn.Linear, nn.Conv2d)) or (
+            isinstance(module, clip_min.model.Attention) and model.petl_method != "lora")
+        for p in module.parameters(recurse=False) if reads_by_matmul else []:
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+
+def keep_freed_memory():
+    """CPU speed: freed tensors stay in the process for the next step instead of going back to the OS (glibc).
+
+    glibc returns every block above 32 MB to the OS when it is freed (at batch 64 one MLP activation of ViT-B/32 is
+    80 MB), and the next step page-faults and zero-fills it again: a fifth of a CPU training step went there.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: large blocks come from the heap, where freed memory is reused
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the heap's free top is kept, not trimmed after each step
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows): nothing to tune
+        pass
