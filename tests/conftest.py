@@ -70,6 +70,23 @@ def make_world(root):
     return SimpleNamespace(root=str(root), name=name, clip=clip)
 
 
+def interrupted(monkeypatch, after_steps, command):
+    """Run command() as if Ctrl-C came during training step after_steps + 1 (counted over the whole command)."""
+    import train
+    real_step, calls = train.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) > after_steps:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        command()
+    monkeypatch.setattr(train, "train_step", real_step)
+
+
 @pytest.fixture
 def exact_cpu(monkeypatch, tmp_path):
     """One CPU thread (the same reduction order in every run, so bit-exact comparisons hold), the CPU also on a GPU

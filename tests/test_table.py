@@ -14,7 +14,7 @@ import adapter
 import clip_min
 import table
 import train
-from conftest import MICRO, make_world
+from conftest import MICRO, interrupted, make_world
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 # 40 images -> 32 train images -> 160 pairs -> 20 steps of 8; a last.pt every 5 steps, so a kill loses little.
@@ -100,18 +100,8 @@ def test_a_killed_table_continues_to_the_same_table(world, tmp_path, monkeypatch
     assert "first speed measured" in capsys.readouterr().out
 
     # Cells in order: zeroshot s0, s1, full s0, s1, mrs s0, s1. Ctrl-C after 12 steps of the second trained cell.
-    real_step, real_main, steps, called = train.train_step, train.main, [], []
-
-    def interrupted(*a, **k):
-        steps.append(1)
-        if len(steps) > 20 + 12:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        command(world, broken, *extra)
-    monkeypatch.setattr(train, "train_step", real_step)
+    interrupted(monkeypatch, 20 + 12, lambda: command(world, broken, *extra))
+    real_main, called = train.main, []
     cut = broken / world.name / "full-hmmc-s1"
     assert os.path.isfile(cut / "last.pt") and not os.path.exists(cut / "test.json")
     finished = {c: snapshot(broken / world.name / c) for c in ("zeroshot-hmmc-s0", "zeroshot-hmmc-s1", "full-hmmc-s0")}

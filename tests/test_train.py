@@ -17,7 +17,8 @@ import evaluate
 import losses
 import runtime
 import train
-from conftest import MICRO, make_world
+from conftest import MICRO, interrupted, make_world
+from test_data import released_generate_random_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 20  # 40 images -> 32 train images (80/20 split) -> 160 pairs -> 20 batches of 8
@@ -72,6 +73,10 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json", "val_images.txt"]
     val_split = data.load_split(world.name, world.root, "val")
     assert (out / "val_images.txt").read_text().split() == [os.path.basename(p) for p in val_split.image_paths]
+    folder = os.path.join(world.root, f"{world.name}_precomp")  # the released code's draw on the same files
+    with open(os.path.join(folder, "train_caps.txt")) as caps, open(os.path.join(folder, "train_filename.txt")) as names:
+        _, released_val = released_generate_random_samples(caps.readlines(), names.read().split(), seed=2)
+    assert (out / "val_images.txt").read_text().split() == sorted(released_val)
     entries = read_metrics(out)
 
     # The starting point on both evaluation splits, then step lines, then one val line per epoch.
@@ -157,18 +162,7 @@ def test_resume_is_exact(world, tmp_path, monkeypatch, save_minutes, interrupt_a
     options = ("--epochs", "3", "--log-every", "1", "--save-minutes", str(save_minutes))
     run(world, straight, *options)
 
-    real_step, calls = train.train_step, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) > STEPS_PER_EPOCH + interrupt_at:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(world, broken, *options)
-    monkeypatch.setattr(train, "train_step", real_step)
+    interrupted(monkeypatch, STEPS_PER_EPOCH + interrupt_at, lambda: run(world, broken, *options))
     saved = torch.load(broken / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == saved_at  # (0, 20): the first epoch; (1, 13): 13 steps of the second
     run(world, broken, *options, "--resume")
