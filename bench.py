@@ -326,6 +326,21 @@ def parse_args(argv=None):
     return opts
 
 
+def describe_machine(device, opts, report, say):
+    """The yardstick of `eff`: a GPU's dense bf16 peak, or the CPU's probed matmul rates (both precisions)."""
+    if device.type == "cuda":  # eff: model FLOP utilisation
+        name = torch.cuda.get_device_name(device)
+        peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+        report.update(gpu=name, peak_tflops=peak)
+        say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
+        return
+    say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}; eff below: useful FLOP rate / "
+        "the faster of two 2048^3 matmul rates, in the precision that path's products run in (ours: --amp; "
+        "released: fp32), measured just before and after that line's timing (mm GFLOP/s)")
+    report["matmul_gflops"] = {"fp32": matmul_gflops(), "bf16": matmul_gflops(torch.bfloat16)}
+    say("matmul 2048^3: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s".format(**report["matmul_gflops"]))
+
+
 def main(argv=None):
     opts = parse_args(argv)
     device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
@@ -333,17 +348,7 @@ def main(argv=None):
     opts.amp = opts.amp or runtime.default_amp(device, say=say)
     report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),
                   flops=FLOPS_NOTE, results={})
-    if device.type == "cuda":  # eff: model FLOP utilisation
-        name = torch.cuda.get_device_name(device)
-        peak = opts.peak_tflops or next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
-        report.update(gpu=name, peak_tflops=peak)
-        say(f"{name}: dense bf16 peak {peak} TFLOP/s (--peak-tflops overrides); eff below: MFU against it")
-    else:
-        say(f"CPU, {report['threads']} threads, load average {os.getloadavg()[0]:.1f}; eff below: useful FLOP rate / "
-            "the faster of two 2048^3 matmul rates, in the precision that path's products run in (ours: --amp; "
-            "released: fp32), measured just before and after that line's timing (mm GFLOP/s)")
-        report["matmul_gflops"] = {"fp32": matmul_gflops(), "bf16": matmul_gflops(torch.bfloat16)}
-        say("matmul 2048^3: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s".format(**report["matmul_gflops"]))
+    describe_machine(device, opts, report, say)
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up steps, then {opts.rounds} rounds of {opts.iters} timed steps, the paths in turn; "
         f"medians over rounds\n{FLOPS_NOTE}")
