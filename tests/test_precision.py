@@ -92,3 +92,41 @@ def test_frozen_weights_kept_in_bf16_change_no_result(method):
     assert block.mlp.c_fc.weight.dtype == kept.visual.conv1.weight.dtype == torch.bfloat16
     assert block.ln_1.weight.dtype == kept.positional_embedding.dtype == torch.float32  # read outside matmuls
     assert block.attn.in_proj_weight.dtype == (torch.float32 if method == "lora" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("amp, backend", [("bf16", "math"), ("off", "default")])
+def test_cpu_training_attention_kernel(amp, backend, monkeypatch):
+    """A bf16 CPU training step computes attention as softmax between two matrix products (the fused kernel's
+    backward is slow there); fp32 keeps torch's default kernel, so its results are unchanged."""
+    import argparse
+    import contextlib
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import adapter
+    import train
+    config = clip_min.CLIPConfig(embed_dim=32, image_resolution=32, patch_size=8, vision_width=128, vision_layers=2,
+                                 text_width=128, text_layers=2)
+    torch.manual_seed(0)
+    base = adapter.apply(clip_min.CLIP(config), "mrs")
+    for p in base.mrs_adapter.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # non-zero up-projections: every weight gets a gradient
+    images, tokens = torch.randn(4, 3, 32, 32), clip_min.tokenize(["a red roof", "two ships", "a river", "farmland"])
+    args = argparse.Namespace(amp=amp, loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
+
+    def step(kernel=contextlib.nullcontext):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        with kernel():
+            train.train_step(adapter.ViewsEncoder(model), torch.optim.SGD(model.parameters(), lr=0.1),
+                             torch.amp.GradScaler("cpu", enabled=False), images, tokens, None, args)
+        return model.mrs_adapter.image_down.weight.detach()
+
+    chosen = step()
+    monkeypatch.setattr(runtime, "training_attention", lambda *a: contextlib.nullcontext())  # the kernel we pick
+    kernels = {"default": step(), "math": step(lambda: sdpa_kernel(SDPBackend.MATH)),
+               "fused": step(lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))}
+    assert torch.equal(chosen, kernels[backend])
+    if amp == "bf16":  # the kernels really differ in bf16, so the comparison above can fail
+        assert not torch.equal(kernels["math"], kernels["fused"])
