@@ -6,7 +6,7 @@
 
 Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
 each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never
-chooses anything), test.json.
+chooses anything), test.json, val_images.txt (the validation split: the one the released code draws).
 """
 import argparse
 import json
