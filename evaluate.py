@@ -188,7 +188,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="[the checkpoint's, else data; demo: the demo cache]")
     p.add_argument("--clip", help="model name, checkpoint path or Hugging Face folder of the backbone "
                                   "[the checkpoint's]")
-    p.add_argument("--clip-activation", choices=["quick_gelu", "gelu"],
+    p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS),
                    help="the backbone's MLP activation [the checkpoint's, else what the file records, else QuickGELU]")
     p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
     p.add_argument("--split", default="test", choices=["test"])

@@ -14,7 +14,6 @@ resumes from its last.pt (train.py --resume); a folder recorded with other setti
 """
 import argparse
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -27,11 +26,11 @@ import torch
 from PIL import Image, ImageDraw
 
 import adapter
+import clip_min
 import data
 import losses
 import runtime
 import train
-from clip_min import weights
 
 # Yuan et al. 2023, ViT-B/32 (i2t R@1/5/10, t2i R@1/5/10, mR). A tuple: a row of the paper's main results table; a
 # number: the mR of its PETL comparison table (VL-Prompt, Convpass, Cross-Modal Adapter and UniAdapter are not
@@ -125,7 +124,7 @@ def plan(args, forwarded, datasets):
                 clip = settings["clip"]
                 if clip and os.path.isfile(clip):  # the same path may come to hold other weights
                     if clip not in digests:
-                        digests[clip] = weights._sha256_of(clip)
+                        digests[clip] = clip_min.weights._sha256_of(clip)
                     settings["clip_sha256"] = digests[clip]
                 steps = 0 if method == "zeroshot" else train_pairs // settings["batch_size"]
                 cells.append(SimpleNamespace(dataset=name, method=method, loss=loss, seed=seed, out=out, argv=argv,
@@ -330,10 +329,10 @@ def main(argv=None):
     print(f"{len(cells)} runs ({len(datasets)} datasets x {len(args.rows)} methods x {len(args.seeds)} seeds): "
           f"{states.count('done')} finished, {states.count('resume')} to resume, {states.count('start')} to start; "
           f"{sum(c.pairs for c in cells):,} training pairs in all", flush=True)
-    backbone = runtime.load_backbone(cells[0].settings["clip"], cells[0].dataset, 0, torch.device("cpu"))
-    params = {m: adapter.count_trainable(adapter.apply(copy.deepcopy(backbone), m)) for m, _ in args.rows}
-    total_params = sum(p.numel() for p in backbone.parameters())
-    del backbone  # not held in memory while the runs train
+    config = runtime.load_backbone(cells[0].settings["clip"], cells[0].dataset, 0, torch.device("cpu")).config
+    with torch.device("meta"):  # counts only: shapes without memory
+        params = {m: adapter.count_trainable(adapter.apply(clip_min.CLIP(config), m)) for m, _ in args.rows}
+        total_params = sum(p.numel() for p in clip_min.CLIP(config).parameters())
     run_cells(cells)
     rows = write(args, cells, params, total_params, skipped)
     print(f"{time.time() - started:.0f}s; written to {args.out}: table.md, table.json, table.png")

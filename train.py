@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="hmmc", choices=losses.LOSSES)
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...), checkpoint path or Hugging Face folder "
                                                 "[ViT-B/32; demo: assets/mini-clip.pt, else a random tiny CLIP]")
-    p.add_argument("--clip-activation", choices=["quick_gelu", "gelu"], help="the backbone's MLP activation [what "
+    p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS), help="the backbone's MLP activation [what "
                    "the file records, else QuickGELU; open_clip's plain ViT-B-32 and ViT-L-14 are gelu]")
     p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
     p.add_argument("--lr-decay-epoch", type=int, default=20, help="the first epoch (counted from 1) at lr x0.7, "
@@ -243,8 +243,9 @@ def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
     similarity = evaluate.similarity(run.model, *run.splits[split], run.device, run.args.amp)
     metrics = evaluate.retrieval_metrics(similarity)
-    if say_ties and evaluate.tie_bounds(similarity, metrics):
-        log(evaluate.tie_bounds(similarity, metrics))
+    bounds = evaluate.tie_bounds(similarity, metrics) if say_ties else ""
+    if bounds:
+        log(bounds)
     return metrics
 
 
