@@ -38,7 +38,8 @@ def save_openai_format(model, path):
         # Tracer warnings about data-dependent indexing (only the weights matter here), and TorchScript's
         # deprecation notice: OpenAI's files are TorchScript archives, so this format is the point.
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False)  # .half() spares `model`
+        with torch.no_grad():  # a trace records no autograd Function
+            traced = torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False)  # .half() spares `model`
         torch.jit.save(traced.half(), str(path))
 
 

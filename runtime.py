@@ -61,11 +61,22 @@ def autocast(device_type, amp):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+@contextlib.contextmanager
 def training_attention(device_type, amp):
-    """The attention kernel of a training step: on a CPU under bf16/fp16 the fused kernel's backward is slow for
-    CLIP's short sequences (a quarter of a ViT-B/32 step at batch 16), and softmax between two matrix products takes a
-    fifth less time per step; fp32 and GPUs keep torch's choice."""
-    return sdpa_kernel(SDPBackend.MATH) if device_type == "cpu" and amp in AMP_DTYPES else contextlib.nullcontext()
+    """The attention kernel of a training step. On a CPU under bf16/fp16, softmax between two matrix products in that
+    precision: the fused kernel's backward is slow for CLIP's short sequences (a quarter of a ViT-B/32 step at batch
+    16), and the unfused one, by default, casts q, k and v to fp32 and multiplies them there (a sixth of the step);
+    softmax itself still sums in fp32. fp32 and GPUs keep torch's choice."""
+    if device_type != "cpu" or amp not in AMP_DTYPES:
+        yield
+        return
+    upcasts = not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # the setting covers CPUs too
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(not upcasts)
 
 
 def keep_frozen_weights_in(model, amp):

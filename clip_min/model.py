@@ -34,11 +34,31 @@ class CLIPConfig:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELUWithFusedBackward(torch.autograd.Function):
+    """quick_gelu, differentiated in one pass: its derivative is silu'(1.702 x), one torch kernel, where autograd
+    through the formula takes five element-wise passes and keeps two tensors instead of one (a twentieth of a bf16
+    CPU training step)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return quick_gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+
+
 class QuickGELU(nn.Module):
     """The GELU approximation OpenAI trained CLIP with; the exact GELU would change every output."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return QuickGELUWithFusedBackward.apply(x) if x.requires_grad else quick_gelu(x)
 
 
 # Part of the architecture, not of the weights: a state_dict cannot tell which one a model was trained with.

@@ -88,3 +88,16 @@ def test_text_cut_to_longest_caption_is_exact():
 def test_not_a_vit_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="not a ViT CLIP"):
         clip_min.build_model({"visual.layer1.0.conv1.weight": torch.zeros(1)})
+
+
+def test_quick_gelu_forward_is_the_formula_and_backward_its_derivative():
+    """The forward is x * sigmoid(1.702 x) bit for bit; the fused backward is the formula's derivative."""
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64).requires_grad_()
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    ours, formula = clip_min.model.QuickGELU()(x), x * torch.sigmoid(1.702 * x)
+    assert ours.grad_fn.name() == "QuickGELUWithFusedBackwardBackward" and torch.equal(ours, formula)
+    ours_grad, = torch.autograd.grad(ours, x, grad)
+    formula_grad, = torch.autograd.grad(formula, x, grad)
+    torch.testing.assert_close(ours_grad, formula_grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(clip_min.model.QuickGELU(), (x[::200].detach().requires_grad_(),))
+    assert torch.equal(clip_min.model.QuickGELU()(x.detach()), formula.detach())  # no gradient: the formula alone

@@ -1,8 +1,11 @@
 """The default precision follows the hardware (bf16 autocast where it is native, fp32 elsewhere), and bf16 autocast
 keeps CLIP's embeddings where fp32 puts them."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import clip_min
 import evaluate
@@ -41,6 +44,40 @@ def test_bf16_autocast_embeddings_stay_close_to_fp32():
     for a, b in zip(fp32, bf16):
         assert b.dtype == torch.bfloat16  # autocast really ran the matrix products in bf16
         assert F.cosine_similarity(a, b.float(), dim=-1).min() >= 0.999
+
+
+def test_bf16_training_step_follows_the_fp32_gradient():
+    """ViT-B/32 with random weights, the bf16 CPU training path as train.py runs it (frozen weights stored in bf16,
+    attention in bf16, the fused QuickGELU backward): every trainable tensor's update points where fp32's does.
+    InfoNCE, not HMMC: a hinge on the hardest negative can switch negatives under any rounding."""
+    import argparse
+    import copy
+
+    import adapter
+    import train
+    torch.manual_seed(0)
+    base = adapter.apply(clip_min.build_model(reference_clip(VIT_B_32).state_dict()), "mrs")
+    for p in base.mrs_adapter.parameters():
+        torch.nn.init.normal_(p, std=0.02)  # non-zero up-projections: every path of the adapter matters
+    images = torch.randn(4, 3, 224, 224)
+    tokens = clip_min.tokenize(["a river crosses green farmland beside a small town", "a baseball field",
+                                "many planes are parked near the terminal of an airport", "dense residential area"])
+
+    def update(amp):
+        model = copy.deepcopy(base)
+        runtime.keep_frozen_weights_in(model, amp)
+        before = {k: v.clone() for k, v in adapter.trainable_state_dict(model).items()}
+        args = argparse.Namespace(amp=amp, loss="infonce", mask_same_image=False, margin=0.2, grad_clip=0.0)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        train.train_step(adapter.ViewsEncoder(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                         images, tokens, None, args)
+        return {k: (before[k] - v).flatten() for k, v in adapter.trainable_state_dict(model).items()}
+
+    fp32, bf16 = update("off"), update("bf16")
+    for name in fp32:
+        assert not torch.equal(fp32[name], bf16[name]), name  # bf16 really ran
+        assert F.cosine_similarity(fp32[name], bf16[name], dim=0) >= 0.99, name
 
 
 def test_encoding_a_split_says_how_far_it_is(capsys):
@@ -94,15 +131,24 @@ def test_frozen_weights_kept_in_bf16_change_no_result(method):
     assert block.attn.in_proj_weight.dtype == (torch.float32 if method == "lora" else torch.bfloat16)
 
 
-@pytest.mark.parametrize("amp, backend", [("bf16", "math"), ("off", "default")])
-def test_cpu_training_attention_kernel(amp, backend, monkeypatch):
-    """A bf16 CPU training step computes attention as softmax between two matrix products (the fused kernel's
-    backward is slow there); fp32 keeps torch's default kernel, so its results are unchanged."""
-    import argparse
-    import contextlib
-    import copy
+@contextlib.contextmanager
+def math_attention_in_bf16():
+    """The unfused kernel, multiplying q, k and v in bf16 instead of casting them to fp32 first."""
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+@pytest.mark.parametrize("amp, backend", [("bf16", "math in bf16"), ("off", "default")])
+def test_cpu_training_attention_kernel(amp, backend, monkeypatch):
+    """A bf16 CPU training step computes attention as softmax between two bf16 matrix products (the fused kernel's
+    backward is slow there, and the unfused one casts to fp32 by default); fp32 keeps torch's default kernel, so its
+    results are unchanged. torch's setting is as it was after the step."""
+    import argparse
+    import copy
 
     import adapter
     import train
@@ -123,10 +169,14 @@ def test_cpu_training_attention_kernel(amp, backend, monkeypatch):
                              torch.amp.GradScaler("cpu", enabled=False), images, tokens, None, args)
         return model.mrs_adapter.image_down.weight.detach()
 
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     chosen = step()
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # restored
     monkeypatch.setattr(runtime, "training_attention", lambda *a: contextlib.nullcontext())  # the kernel we pick
-    kernels = {"default": step(), "math": step(lambda: sdpa_kernel(SDPBackend.MATH)),
+    kernels = {"default": step(), "math in fp32": step(lambda: sdpa_kernel(SDPBackend.MATH)),
+               "math in bf16": step(math_attention_in_bf16),
                "fused": step(lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))}
     assert torch.equal(chosen, kernels[backend])
     if amp == "bf16":  # the kernels really differ in bf16, so the comparison above can fail
-        assert not torch.equal(kernels["math"], kernels["fused"])
+        assert not torch.equal(kernels["math in bf16"], kernels["math in fp32"])
+        assert not torch.equal(kernels["math in bf16"], kernels["fused"])
