@@ -41,7 +41,7 @@ def quick_gelu(x):
 class QuickGELUWithFusedBackward(torch.autograd.Function):
     """quick_gelu, differentiated in one pass: its derivative is silu'(1.702 x), one torch kernel, where autograd
     through the formula takes five element-wise passes and keeps two tensors instead of one (a twentieth of a bf16
-    CPU training step)."""
+    CPU training step). It rounds differently from autograd's chain of passes, hence bf16/fp16 only."""
 
     @staticmethod
     def forward(ctx, x):
@@ -58,7 +58,9 @@ class QuickGELU(nn.Module):
     """The GELU approximation OpenAI trained CLIP with; the exact GELU would change every output."""
 
     def forward(self, x):
-        return QuickGELUWithFusedBackward.apply(x) if x.requires_grad else quick_gelu(x)
+        # fp32 keeps autograd's derivative of the formula, so fp32 training gives the same numbers bit for bit.
+        fused = x.requires_grad and x.dtype in (torch.bfloat16, torch.float16)
+        return QuickGELUWithFusedBackward.apply(x) if fused else quick_gelu(x)
 
 
 # Part of the architecture, not of the weights: a state_dict cannot tell which one a model was trained with.

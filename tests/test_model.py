@@ -92,12 +92,22 @@ def test_not_a_vit_checkpoint_is_a_clear_error():
 
 def test_quick_gelu_forward_is_the_formula_and_backward_its_derivative():
     """The forward is x * sigmoid(1.702 x) bit for bit; the fused backward is the formula's derivative."""
+    fused = clip_min.model.QuickGELUWithFusedBackward.apply
     x = torch.linspace(-8, 8, 4001, dtype=torch.float64).requires_grad_()
     grad = torch.randn(x.shape, dtype=torch.float64)
-    ours, formula = clip_min.model.QuickGELU()(x), x * torch.sigmoid(1.702 * x)
-    assert ours.grad_fn.name() == "QuickGELUWithFusedBackwardBackward" and torch.equal(ours, formula)
+    ours, formula = fused(x), x * torch.sigmoid(1.702 * x)
+    assert torch.equal(ours, formula)
     ours_grad, = torch.autograd.grad(ours, x, grad)
     formula_grad, = torch.autograd.grad(formula, x, grad)
     torch.testing.assert_close(ours_grad, formula_grad, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(clip_min.model.QuickGELU(), (x[::200].detach().requires_grad_(),))
-    assert torch.equal(clip_min.model.QuickGELU()(x.detach()), formula.detach())  # no gradient: the formula alone
+    assert torch.autograd.gradcheck(fused, (x[::200].detach().requires_grad_(),))
+
+
+def test_quick_gelu_fuses_its_backward_in_bf16_and_fp16_only():
+    """fp32 training keeps autograd's own derivative of the formula, so its numbers are unchanged bit for bit."""
+    activation = clip_min.model.QuickGELU()
+    for dtype, grad_fn in ((torch.bfloat16, "QuickGELUWithFusedBackwardBackward"),
+                           (torch.float16, "QuickGELUWithFusedBackwardBackward"), (torch.float32, "MulBackward0")):
+        x = torch.randn(64, dtype=dtype, requires_grad=True)
+        assert activation(x).grad_fn.name() == grad_fn, dtype
+    assert activation(x.detach()).grad_fn is None
