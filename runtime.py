@@ -70,13 +70,13 @@ def training_attention(device_type, amp):
     if device_type != "cpu" or amp not in AMP_DTYPES:
         yield
         return
-    upcasts = not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # the setting covers CPUs too
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # despite its name, it covers CPUs too
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(not upcasts)
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
 def keep_frozen_weights_in(model, amp):
