@@ -134,12 +134,13 @@ def test_frozen_weights_kept_in_bf16_change_no_result(method):
 @contextlib.contextmanager
 def math_attention_in_bf16():
     """The unfused kernel, multiplying q, k and v in bf16 instead of casting them to fp32 first."""
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
 @pytest.mark.parametrize("amp, backend", [("bf16", "math in bf16"), ("off", "default")])
