@@ -71,24 +71,30 @@ def parse_args(argv=None):
     return args
 
 
-def load_data(args, resolution, rank):
-    """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits, images decoded
-    once into memory. The validation images are listed in <out>/val_images.txt."""
+def read_splits(args, rank):
+    """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits: names and
+    captions, every image file checked. Read before the backbone, so a missing dataset is reported before a download.
+    The validation images are listed in <out>/val_images.txt."""
     if dist.is_initialized() and rank != 0:
         dist.barrier()  # rank 0 generates the demo, if it is needed, before the others read it
     name, root = data.prepare_dataset(args.dataset, args.data_root)
     if dist.is_initialized() and rank == 0:
         dist.barrier()
-    splits = {}
-    for part in ("train", "val", "test"):
-        split = data.load_split(name, root, part, seed=args.seed)
-        images = data.cache_images(split.image_paths, resolution, workers=args.workers)
-        splits[part] = (images, clip_min.tokenize(split.captions, truncate=True))
-        print(split.summary())
-        if part == "val" and rank == 0:
-            with open(os.path.join(args.out, "val_images.txt"), "w") as f:
-                f.writelines(os.path.basename(path) + "\n" for path in split.image_paths)
+    splits = {part: data.load_split(name, root, part, seed=args.seed) for part in ("train", "val", "test")}
+    if rank == 0:
+        with open(os.path.join(args.out, "val_images.txt"), "w") as f:
+            f.writelines(os.path.basename(path) + "\n" for path in splits["val"].image_paths)
     return splits
+
+
+def decode(splits, resolution, workers):
+    """Each split's images decoded once into memory (uint8) and its captions tokenized: {part: (images, tokens)}."""
+    decoded = {}
+    for part, split in splits.items():
+        decoded[part] = (data.cache_images(split.image_paths, resolution, workers=workers),
+                         clip_min.tokenize(split.captions, truncate=True))
+        print(split.summary())
+    return decoded
 
 
 def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
@@ -164,13 +170,14 @@ def start(args):
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     os.makedirs(args.out, exist_ok=True)
 
+    splits = read_splits(args, rank)
     torch.manual_seed(args.seed)
     backbone = runtime.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
     model = adapter.apply(backbone, args.method).to(device)
     runtime.keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
-    splits = load_data(args, model.visual.input_resolution, rank)
+    splits = decode(splits, model.visual.input_resolution, args.workers)
     if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
         splits["train"] = (splits["train"][0].to(device), splits["train"][1])
     encoder = adapter.ViewsEncoder(model)

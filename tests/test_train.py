@@ -284,13 +284,15 @@ def test_learning_rate_defaults(monkeypatch):
     assert train.parse_args(["--dataset", "rsitmd"]).lr == 2e-4
 
 
-def test_bad_arguments(world, tmp_path):
+def test_bad_arguments(world, tmp_path, monkeypatch):
     for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"]):
         with pytest.raises(SystemExit):
             run(world, tmp_path / "bad", *bad)
     with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
         run(world, tmp_path / "fresh", "--resume", "--epochs", "1")
-    with pytest.raises(FileNotFoundError) as e:
+    with monkeypatch.context() as m, pytest.raises(FileNotFoundError) as e:
+        # A missing dataset is reported before the backbone is loaded (for ViT-B/32: a 338 MB download).
+        m.setattr(runtime, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded before the data was found"))
         train.main(args_for(world, tmp_path / "nope", "--dataset", "nope"))
     assert os.path.join(world.root, "nope_precomp") in str(e.value)
     assert os.path.join(world.root, "dataset_nope.json") in str(e.value)
