@@ -207,14 +207,14 @@ def parse_args(argv=None):
     return args, p
 
 
-def build(args, p, device):
-    """The model to score, with what the checkpoint (if any) says of the run: (model, method, its train.py args)."""
+def read_checkpoint(args, p):
+    """The train.py checkpoint to score ({} for zero-shot and for the authors' checkpoints); --dataset and
+    --data-root default to its run's."""
+    state = {}
     if args.official_checkpoint:
         if not os.path.isfile(args.official_checkpoint):
             raise SystemExit(f"checkpoint not found: {args.official_checkpoint}")
-        return official_model(args.official_checkpoint, device), "mrs (released checkpoint)", {}
-    state = {}
-    if args.method != "zeroshot":
+    elif args.method != "zeroshot":
         args.checkpoint = args.checkpoint or latest_run()
         if not os.path.isfile(args.checkpoint):
             raise SystemExit(f"checkpoint not found: {args.checkpoint}")
@@ -224,14 +224,21 @@ def build(args, p, device):
     saved = state.get("args", {})
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     args.data_root = args.data_root or saved.get("data_root")
+    return state
+
+
+def build(args, state, device):
+    """The model to score and its method's name."""
+    if args.official_checkpoint:
+        return official_model(args.official_checkpoint, device), "mrs (released checkpoint)"
     method = args.method or state["method"]
-    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
-                             args.clip_activation or state.get("activation"))
+    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, state.get("args", {}).get("seed", 2),
+                                     device, args.clip_activation or state.get("activation"))
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
     model = adapter.apply(backbone, method, **options).to(device).eval()
     if state:
         adapter.load_trainable(model, state["trainable"])
-    return model, method, saved
+    return model, method
 
 
 def main(argv=None):
@@ -239,11 +246,13 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         runtime.keep_freed_memory()
-    model, method, saved = build(args, p, device)
-    # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
-    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
+    state = read_checkpoint(args, p)
     name, root = data.prepare_dataset(args.dataset, args.data_root)
-    split = data.load_split(name, root, args.split)
+    split = data.load_split(name, root, args.split)  # before the backbone: a missing dataset is said before a download
+    model, method = build(args, state, device)
+    # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
+    trained_amp = state.get("args", {}).get("amp") if device.type == "cuda" else None
+    amp = args.amp or trained_amp or runtime.default_amp(device)
     images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = similarity(model, images, tokens, device, amp)

@@ -222,3 +222,11 @@ def test_demo_backbone_without_the_bundled_checkpoint(monkeypatch, capsys):
     assert a.config == runtime.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.visual.proj, c.visual.proj)
+
+
+def test_missing_dataset_is_said_before_the_backbone_loads(trained, tmp_path, monkeypatch):
+    """For ViT-B/32 the backbone may be a 338 MB download: a dataset that is not there is reported first."""
+    monkeypatch.setattr(runtime, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded before the data"))
+    for argv in (["--checkpoint", str(trained.out / "best.pt")], ["--method", "zeroshot"]):
+        with pytest.raises(FileNotFoundError, match="not found under"):
+            evaluate.main([*argv, "--dataset", "nowhere", "--data-root", str(tmp_path)])
