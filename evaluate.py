@@ -274,4 +274,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # a missing dataset or file, a failed download: the message names it, a traceback adds nothing
+        raise SystemExit(f"error: {e}")

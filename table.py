@@ -345,3 +345,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: the same command continues (finished runs are kept, the interrupted one "
                          "resumes from its last save)")
+    except OSError as e:  # a missing file, a failed download: the message names it, a traceback adds nothing
+        raise SystemExit(f"error: {e}")

@@ -370,3 +370,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # last.pt holds the last save: nothing before it is lost
         print("\ninterrupted: run the same command with --resume to continue from the last save", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a missing dataset or file, a failed download: the message names it, a traceback adds nothing
+        raise SystemExit(f"error: {e}")

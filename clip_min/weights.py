@@ -68,7 +68,7 @@ def _fetch(url, out):
                 total_text = f"{total / 2**20:.1f}" if total else "?"
                 print(f"\rDownloading {name}: {done / 2**20:.1f}/{total_text} MiB", end="", file=sys.stderr, flush=True)
     except (OSError, http.client.HTTPException) as e:  # urllib.error.URLError is an OSError
-        raise RuntimeError(f"could not download {url}: {e}") from e
+        raise ConnectionError(f"could not download {url}: {e}") from e
     finally:
         print(file=sys.stderr, flush=True)
     return digest.hexdigest()
@@ -398,8 +398,8 @@ def load(name_or_path, device="cpu", download_root=None, activation=None):
     elif os.path.exists(name_or_path):
         path = name_or_path
     else:
-        raise ValueError(f"model {name_or_path!r} is neither a known name nor a file; "
-                         f"available models: {available_models()}")
+        raise FileNotFoundError(f"model {name_or_path!r} is neither a known name nor a file; "
+                                f"available models: {available_models()}")
     state_dict, recorded = read_weights(path)
     model = build_model(state_dict, activation or recorded or "quick_gelu").to(device).eval()
     if activation is None and recorded is None:

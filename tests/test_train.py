@@ -404,3 +404,16 @@ def test_two_processes_zeroshot(world, tmp_path):
     single = train.main([*command, "--out", str(tmp_path / "single")])  # the last --out counts
     with open(tmp_path / "ddp" / "test.json") as f:
         assert json.load(f) == single
+
+
+@pytest.mark.parametrize("script, argv", [("train.py", ["--dataset", "nowhere"]),
+                                          ("evaluate.py", ["--method", "zeroshot", "--dataset", "nowhere"]),
+                                          ("table.py", ["--datasets", "demo", "--methods", "zeroshot", "--clip",
+                                                        "nowhere.pt"])])
+def test_a_missing_file_ends_the_command_with_one_line(script, argv, tmp_path):
+    """The command lines say what is missing in one line (exit status 1), without a traceback."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *argv, "--data-root", str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere" in result.stderr

@@ -232,12 +232,12 @@ def test_corrupted_cache_is_downloaded_again(server, tmp_path, capfd):
 def test_network_errors_name_the_url(server, tmp_path):
     root = tmp_path / "cache"
     missing = server.url("/missing.pt")
-    with pytest.raises(RuntimeError, match=f"could not download {missing}: HTTP Error 404"):
+    with pytest.raises(ConnectionError, match=f"could not download {missing}: HTTP Error 404"):
         weights.download(missing, "0" * 64, str(root))
     with socket.socket() as s:  # a loopback port bound but not listening: the connection is refused
         s.bind(("127.0.0.1", 0))
         unreachable = f"http://127.0.0.1:{s.getsockname()[1]}/model.pt"
-        with pytest.raises(RuntimeError, match=f"could not download {unreachable}"):
+        with pytest.raises(ConnectionError, match=f"could not download {unreachable}"):
             weights.download(unreachable, "0" * 64, str(root))
     assert os.listdir(root) == []
 
@@ -267,5 +267,5 @@ def test_load_by_name_downloads_once(server, tmp_path, archive, reference, monke
 
 
 def test_load_unknown_name_lists_models(tmp_path):
-    with pytest.raises(ValueError, match=r"'ViT-B/64'.*ViT-B/32.*ViT-L/14@336px"):
+    with pytest.raises(FileNotFoundError, match=r"'ViT-B/64'.*ViT-B/32.*ViT-L/14@336px"):
         clip_min.load("ViT-B/64", download_root=str(tmp_path))
