@@ -208,8 +208,8 @@ def parse_args(argv=None):
 
 
 def read_checkpoint(args, p):
-    """The train.py checkpoint to score ({} for zero-shot and for the authors' checkpoints); --dataset and
-    --data-root default to its run's."""
+    """The train.py checkpoint to score ({} for zero-shot and for the authors' checkpoints) and its run's train.py
+    arguments; --dataset and --data-root default to that run's."""
     state = {}
     if args.official_checkpoint:
         if not os.path.isfile(args.official_checkpoint):
@@ -224,16 +224,16 @@ def read_checkpoint(args, p):
     saved = state.get("args", {})
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     args.data_root = args.data_root or saved.get("data_root")
-    return state
+    return state, saved
 
 
-def build(args, state, device):
+def build(args, state, saved, device):
     """The model to score and its method's name."""
     if args.official_checkpoint:
         return official_model(args.official_checkpoint, device), "mrs (released checkpoint)"
     method = args.method or state["method"]
-    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, state.get("args", {}).get("seed", 2),
-                                     device, args.clip_activation or state.get("activation"))
+    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
+                                     args.clip_activation or state.get("activation"))
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
     model = adapter.apply(backbone, method, **options).to(device).eval()
     if state:
@@ -246,13 +246,12 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         runtime.keep_freed_memory()
-    state = read_checkpoint(args, p)
+    state, saved = read_checkpoint(args, p)
     name, root = data.prepare_dataset(args.dataset, args.data_root)
     split = data.load_split(name, root, args.split)  # before the backbone: a missing dataset is said before a download
-    model, method = build(args, state, device)
+    model, method = build(args, state, saved, device)
     # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
-    trained_amp = state.get("args", {}).get("amp") if device.type == "cuda" else None
-    amp = args.amp or trained_amp or runtime.default_amp(device)
+    amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
     images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = similarity(model, images, tokens, device, amp)
