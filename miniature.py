@@ -2,7 +2,7 @@
 synthetic "remote sensing" domain (the demo dataset) with every method, and print the paper's table.
 
     python miniature.py pretrain      # ~6 min on 2 cores: writes assets/mini-clip.pt (OpenAI's file format)
-    python miniature.py table         # ~12 min on 2 idle cores: every method x 3 seeds through table.py
+    python miniature.py table         # ~5 min on 2 idle cores: every method x 3 seeds through table.py
 
 The natural domain shows houses from the side under a sky, left or right; the remote domain shows buildings from
 above, in four positions ("top" and "bottom" are words the pretraining never saw), with other caption templates.
