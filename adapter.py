@@ -9,14 +9,13 @@ modules, so the backbone's parameter names (and OpenAI checkpoints) stay valid a
 """
 import functools
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from clip_min import weights
+import recipe
 
 # Every method with its options and their defaults (override them as keyword arguments of apply). Defaults follow
 # each method's own paper and code; the sizes of adapter, adaptformer and clip_adapter are chosen so that the
@@ -25,7 +24,7 @@ METHOD_OPTIONS = {
     "zeroshot": {},  # frozen CLIP, nothing trained
     "linear": {},  # linear probe: a linear map on each output embedding, identity at the start
     "full": {},  # full fine-tuning: every CLIP parameter trains
-    "mrs": dict(bottleneck=64, dropout=0.5),  # the paper's MRS-Adapter
+    "mrs": dict(bottleneck=recipe.MRS_BOTTLENECK, dropout=recipe.MRS_DROPOUT),  # the paper's MRS-Adapter
     "adapter": dict(bottleneck=2),  # Houlsby et al.: serial bottlenecks after attention and after the MLP
     # Chen et al.: a scaled bottleneck beside the MLP, reading the residual stream ("stream", as AdaptFormer's
     # released code does) or the MLP's input LN2(x) ("ln2")
@@ -38,7 +37,6 @@ METHOD_OPTIONS = {
 }
 METHODS = tuple(METHOD_OPTIONS)
 BLOCK_METHODS = ("mrs", "adapter", "adaptformer", "lora")  # the methods that live inside residual blocks
-VIEW_DROPOUT = 0.2  # the paper's augmented views: element-wise dropout on the encoders' input embeddings
 
 
 class MRSAdapter(nn.Module):
@@ -309,7 +307,7 @@ def apply(model, method="mrs", **options):
     return model
 
 
-def encode_views(model, images, tokens, p=VIEW_DROPOUT):
+def encode_views(model, images, tokens, p=recipe.VIEW_DROPOUT):
     """Clean and augmented embeddings of a batch in ONE pass: (image, text, image_aug, text_aug).
 
     The paper's augmented views: element-wise dropout (p) on each frozen encoder's input embeddings (the image
@@ -362,46 +360,3 @@ def load_trainable(model, state_dict):
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state_dict[name])
-
-
-# The authors' names for the MRS-Adapter's layers -> ours.
-OFFICIAL_MRS_NAMES = {"visual_down_proj": "image_down", "down_proj": "text_down", "visual_up_proj": "image_up",
-                      "up_proj": "text_up", "share_up_proj": "shared_up"}
-
-
-def released_state_dict(path):
-    """The 'model' state_dict of a checkpoint saved by the authors' train.py ({'epoch', 'model', 'options', ...}, the
-    options holding CLIP's preprocessing objects): tensors come back, every other object as an inert stand-in."""
-    checkpoint = weights.read_checkpoint(path)
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
-        raise ValueError(f"{path} is not a checkpoint saved by the released PE-RSITR code (no 'model' state_dict)")
-    return checkpoint["model"]
-
-
-def load_official_mrs(model, source):
-    """Import MRS-Adapter weights trained with the authors' released code: their state_dict, or the path of the
-    checkpoint their train.py saved (model_best.pth.tar), read without running any code from it.
-
-    Their adapter sat at `Uniadapt` inside `PE_RSITR` inside their `Model`, maybe under DataParallel's `module.`
-    prefix: keys such as `PE_RSITR.Uniadapt.visual_down_proj.weight`, `module.Uniadapt.down_proj.bias` or the bare
-    names are read, the rest ignored.
-    """
-    if not isinstance(getattr(model, "mrs_adapter", None), MRSAdapter):
-        raise ValueError("the model has no MRS-Adapter; call apply(model, 'mrs') first")
-    state_dict = released_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
-    found = {k.removeprefix("module.").removeprefix("PE_RSITR.").removeprefix("Uniadapt."): v
-             for k, v in state_dict.items()}
-    pairs = []
-    for official, ours in OFFICIAL_MRS_NAMES.items():
-        for kind in ("weight", "bias"):
-            key, target = f"{official}.{kind}", getattr(getattr(model.mrs_adapter, ours), kind)
-            if key not in found:
-                raise ValueError(f"released MRS-Adapter tensor {key!r} is missing (looked for it bare and under "
-                                 f"'[module.][PE_RSITR.]Uniadapt.'); the state_dict has {len(state_dict)} keys")
-            if tuple(found[key].shape) != tuple(target.shape):
-                raise ValueError(f"released MRS-Adapter tensor {key!r} has shape {tuple(found[key].shape)}, but this "
-                                 f"model's adapter needs {tuple(target.shape)} (a different CLIP or bottleneck?)")
-            pairs.append((target, found[key]))
-    with torch.no_grad():
-        for target, value in pairs:
-            target.copy_(value)

@@ -12,24 +12,22 @@ that the peak memory it reports is its own (Linux); the paths take turns, round 
 compares timings taken seconds apart (a shared machine's speed drifts).
 """
 import argparse
-import copy
 import json
 import os
 import tempfile
 import time
-import warnings
 from multiprocessing import get_context
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import adapter
 import clip_min
 import data
-import losses
+import recipe
+import released
 import runtime
 import train
 
@@ -43,62 +41,6 @@ TINY = clip_min.CLIPConfig(embed_dim=64, image_resolution=64, patch_size=16, vis
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense bf16
 WORDS = ("many planes white buildings green trees are parked in near the airport harbor river beside a large "
          "parking lot with several cars boats storage tanks and roads on both sides of dense residential area").split()
-
-
-class ReleasedPath(nn.Module):
-    """The baseline, holding exactly the weights of `ours`. fp16: the backbone's, as the released code on a GPU."""
-
-    def __init__(self, ours, fp16=False):
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
-            from clip import model as openai  # OpenAI's reference code (PyPI clip-anytorch)
-        c = ours.config
-        self.clip = openai.CLIP(c.embed_dim, c.image_resolution, c.vision_layers, c.vision_width, c.patch_size,
-                                c.context_length, c.vocab_size, c.text_width, c.text_width // 64, c.text_layers)
-        self.clip.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mrs_adapter.")})
-        self.clip.requires_grad_(False)
-        if fp16:
-            openai.convert_weights(self.clip)
-        self.adapter = nn.ModuleDict({official: copy.deepcopy(getattr(ours.mrs_adapter, mine))  # released names
-                                      for official, mine in adapter.OFFICIAL_MRS_NAMES.items()})
-        self.adapter_dropout = ours.mrs_adapter.dropout.p
-        self.to(ours.text_projection.device).train(ours.training)
-
-    def blocks(self, x, resblocks, visual):
-        a = self.adapter
-        down, up = (a.visual_down_proj, a.visual_up_proj) if visual else (a.down_proj, a.up_proj)
-        x = x.permute(1, 0, 2)  # NLD -> LND, the reference blocks' layout
-        for block in resblocks:
-            x = x + block.attention(block.ln_1(x))
-            h = F.dropout(F.relu(down(x.float())), self.adapter_dropout, self.training)  # the adapter runs in fp32
-            x = x + block.mlp(block.ln_2(x)) + torch.cat([up(h), a.share_up_proj(h)], dim=-1).to(x.dtype)
-        return x.permute(1, 0, 2)
-
-    def encode_image(self, images, p):
-        v = self.clip.visual
-        x = v.conv1(images.type(v.conv1.weight.dtype)).flatten(2).permute(0, 2, 1)
-        cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
-        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
-        x = self.blocks(F.dropout(x, p, self.training), v.transformer.resblocks, True)  # p > 0: the augmented view
-        return v.ln_post(x[:, 0]) @ v.proj
-
-    def encode_text(self, tokens, p):
-        dtype = self.clip.dtype
-        x = self.clip.token_embedding(tokens).type(dtype) + self.clip.positional_embedding.type(dtype)
-        x = self.blocks(F.dropout(x, p, self.training), self.clip.transformer.resblocks, False)
-        x = self.clip.ln_final(x).type(dtype)
-        return x[torch.arange(len(x)), tokens.argmax(dim=-1)] @ self.clip.text_projection
-
-    def step(self, optimizer, images, tokens, margin=losses.MARGIN):
-        """Four passes (clean and augmented, image and text), HMMC, backward, Adam. Returns the loss."""
-        image, image_aug = self.encode_image(images, 0.0), self.encode_image(images, adapter.VIEW_DROPOUT)
-        text, text_aug = self.encode_text(tokens, 0.0), self.encode_text(tokens, adapter.VIEW_DROPOUT)
-        loss, _ = losses.hmmc(image.float(), text.float(), image_aug.float(), text_aug.float(), margin=margin)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
 
 
 def build_ours(config, method, seed=0):
@@ -118,13 +60,13 @@ def inputs(config, batch, device, seed=0):
     return images.to(device), clip_min.tokenize(texts).to(device)
 
 
-def max_differences(ours, released, images, tokens):
+def max_differences(ours, theirs, images, tokens):
     """Max |ours - released| of the clean embeddings, eval mode (dropout off)."""
-    ours.eval(), released.eval()
+    ours.eval(), theirs.eval()
     with torch.no_grad():
         image, text, _, _ = adapter.encode_views(ours, images, clip_min.trim(tokens))
-        return {"image": (image - released.encode_image(images, 0.0)).abs().max().item(),
-                "text": (text - released.encode_text(tokens, 0.0)).abs().max().item()}
+        return {"image": (image - theirs.encode_image(images, 0.0)).abs().max().item(),
+                "text": (text - theirs.encode_text(tokens, 0.0)).abs().max().item()}
 
 
 def useful_flops(c, images, texts, text_tokens, backward):
@@ -181,19 +123,19 @@ def prepare(path, opts, batch):
     test_tokens = torch.cat([test_tokens] * data.CAPTIONS_PER_IMAGE)
     test_cut, length = clip_min.trim(test_tokens), clip_min.trim(tokens).shape[1]  # ours reads cut text
     if path == "released":
-        model = ReleasedPath(model, fp16=device.type == "cuda")
-        optimizer = torch.optim.Adam(model.adapter.parameters(), lr=2e-4)
+        model = released.ReleasedPath(model, fp16=device.type == "cuda")
+        optimizer = torch.optim.Adam(model.adapter.parameters(), lr=recipe.LR)
         train_fn = lambda: model.step(optimizer, images, tokens)  # noqa: E731
         encode_fn = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
     else:
         runtime.keep_frozen_weights_in(model, opts.amp)  # as train.py does
         encoder = adapter.ViewsEncoder(model)
         encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
-        args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=losses.MARGIN,
+        args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=recipe.MARGIN,
                                   grad_clip=0.0)
         scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=2e-4) if params else None  # zero-shot trains nothing
+        optimizer = torch.optim.Adam(params, lr=recipe.LR) if params else None  # zero-shot trains nothing
         host_tokens = tokens.cpu()  # as the training loop passes them: train_step cuts them on the host
         train_fn = lambda: train.train_step(encoder, optimizer, scaler, images, host_tokens, None, args)  # noqa: E731
         encode_fn = runtime.autocast(device.type, opts.amp)(lambda: (model.encode_image(test_images),
@@ -356,7 +298,7 @@ def main(argv=None):
     paths = ("released", "ours") if baseline else ("ours",)
     if baseline:
         ours = build_ours(config, "mrs").to(device)
-        diffs = report["max_abs_diff"] = max_differences(ours, ReleasedPath(ours), *inputs(config, 4, device, 2))
+        diffs = report["max_abs_diff"] = max_differences(ours, released.ReleasedPath(ours), *inputs(config, 4, device, 2))
         say("same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {image:.2e}, "
             "text {text:.2e}".format(**diffs))
         if max(diffs.values()) > 1e-3:
@@ -375,12 +317,12 @@ def main(argv=None):
                     f"{r['seconds']:8.3f} {r['useful_gflops']:8.1f} {r['efficiency'] or 0:5.0%} {r['peak_mb']:8.0f}"
                     + (f" {r['matmul_gflops']:11.1f}" if "matmul_gflops" in r else ""))
         if baseline:
-            ours, released = row["ours"], row["released"]
+            ours, theirs = row["ours"], row["released"]
             # The ratio of each round's neighbouring timings, then the median over rounds.
-            ratios = {part: [r / o for r, o in zip(released[part]["times"], ours[part]["times"])] for part in ours}
+            ratios = {part: [r / o for r, o in zip(theirs[part]["times"], ours[part]["times"])] for part in ours}
             row["speedup"] = {part: float(np.median(r)) for part, r in ratios.items()}
             row["speedup_rounds"] = ratios
-            row["train_memory_ratio"] = ours["train"]["peak_mb"] / released["train"]["peak_mb"]
+            row["train_memory_ratio"] = ours["train"]["peak_mb"] / theirs["train"]["peak_mb"]
             say(f"{batch:5} ours / released: speed: " + ", ".join(
                 f"{part} {row['speedup'][part]:.2f}x (rounds {min(r):.2f}-{max(r):.2f})" for part, r in ratios.items())
                 + f"; training peak memory {row['train_memory_ratio']:.2f}x")

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import recipe
+
 LOSSES = ("hmmc", "vse_sum", "infonce")
-MARGIN = 0.2  # the hinge margin of the paper (and of VSE++)
 
 
 def _cosine(a, b):
@@ -53,7 +54,7 @@ def _hinge_costs(a, b, margin, image_ids):
     return rows, cols
 
 
-def hardest_negative_hinge(a, b, margin=MARGIN, image_ids=None):
+def hardest_negative_hinge(a, b, margin=recipe.MARGIN, image_ids=None):
     """VSE++ max-violation loss L(a, b): row i's positive is b_i, its negatives the other b_j, and vice versa.
     Used for (image, text) and for a clean view against its augmented view (rows clean, columns augmented).
     A row with no negative adds 0; ties for the hardest negative share its gradient equally (amax)."""
@@ -61,7 +62,7 @@ def hardest_negative_hinge(a, b, margin=MARGIN, image_ids=None):
     return rows.amax(dim=1).sum() + cols.amax(dim=0).sum()
 
 
-def hmmc(image, text, image_aug, text_aug, margin=MARGIN, weights=(1.0, 1.0, 1.0), image_ids=None):
+def hmmc(image, text, image_aug, text_aug, margin=recipe.MARGIN, weights=(1.0, 1.0, 1.0), image_ids=None):
     """Hybrid multi-modal contrastive loss: cross-modal term plus the two intra-modal clean-vs-augmented terms."""
     terms = {"it": weights[0] * hardest_negative_hinge(image, text, margin, image_ids),
              "ii": weights[1] * hardest_negative_hinge(image, image_aug, margin, image_ids),
@@ -69,7 +70,7 @@ def hmmc(image, text, image_aug, text_aug, margin=MARGIN, weights=(1.0, 1.0, 1.0
     return sum(terms.values()), terms
 
 
-def vse_sum(image, text, margin=MARGIN, image_ids=None):
+def vse_sum(image, text, margin=recipe.MARGIN, image_ids=None):
     """VSE0 hinge: every in-batch negative counts, not just the hardest."""
     rows, cols = _hinge_costs(image, text, margin, image_ids)
     return rows.sum() + cols.sum()
@@ -85,7 +86,7 @@ def infonce(image, text, logit_scale=None, image_ids=None):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-def compute(name, image, text, image_aug=None, text_aug=None, logit_scale=None, image_ids=None, margin=MARGIN,
+def compute(name, image, text, image_aug=None, text_aug=None, logit_scale=None, image_ids=None, margin=recipe.MARGIN,
             weights=(1.0, 1.0, 1.0)):
     """The one entry point of the training loop; returns (total, terms)."""
     if name == "hmmc":

@@ -18,8 +18,9 @@ import torch
 
 import clip_min
 import data
-import evaluate
+import demo
 import losses
+import metrics
 import runtime
 import table as table_py
 
@@ -48,7 +49,7 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
     """Contrastive pretraining (CLIP's InfoNCE with a learned temperature) on the natural domain; returns the
     fp32 model and the natural-domain test metrics of the saved (fp16) file."""
     root = root or data.DEMO_ROOT
-    name = data.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
+    name = demo.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
     splits = [data.load_split(name, root, part) for part in ("trainval", "test")]
     images, test_images = (data.cache_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
     tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
@@ -85,10 +86,10 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
                   f"{model.logit_scale.exp().item():.1f} {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
     save_openai_format(model.eval(), out)
     saved = clip_min.load(str(out))[0]  # score what was written, as train.py will read it
-    metrics = evaluate.retrieval_metrics(evaluate.similarity(saved, test_images, test_tokens, torch.device("cpu")))
+    scores = metrics.retrieval_metrics(metrics.similarity(saved, test_images, test_tokens, torch.device("cpu")))
     print(f"pretrained in {time.time() - started:.0f}s, saved to {out}")
-    print(f"natural-domain test split: {evaluate.format_metrics(metrics)}")
-    return model, metrics
+    print(f"natural-domain test split: {metrics.format_metrics(scores)}")
+    return model, scores
 
 
 def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "miniature"), clip=runtime.DEMO_CLIP):

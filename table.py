@@ -29,6 +29,7 @@ import adapter
 import clip_min
 import data
 import losses
+import recipe
 import runtime
 import train
 
@@ -119,7 +120,7 @@ def plan(args, forwarded, datasets):
                 argv = ["--dataset", name, "--data-root", root, "--method", method, "--loss", loss,
                         "--seed", str(seed), "--out", out, *forwarded]
                 base_lr = args.lr or train.parse_args(argv).lr
-                argv += ["--lr", str(base_lr / 10 if method == "full" else base_lr)]
+                argv += ["--lr", str(base_lr * recipe.FULL_FINE_TUNING_LR_SCALE if method == "full" else base_lr)]
                 settings = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in NOT_SETTINGS}
                 clip = settings["clip"]
                 if clip and os.path.isfile(clip):  # the same path may come to hold other weights
@@ -307,7 +308,7 @@ def write(args, cells, params, total_params, skipped):
     spread = f" (mean ± std over seeds {', '.join(map(str, args.seeds))})" if len(args.seeds) > 1 else ""
     text = (f"Test split. Each number: ours{spread} (the paper's, ours minus the paper's) where the paper reports it. "
             f"train.py settings: epochs {s['epochs']}, batch {s['batch_size']}, lr {cells[0].base_lr:g} (full "
-            f"fine-tuning {cells[0].base_lr / 10:g}), backbone {s['clip'] or 'train.py default'}. Datasets skipped: "
+            f"fine-tuning {cells[0].base_lr * recipe.FULL_FINE_TUNING_LR_SCALE:g}), backbone {s['clip'] or 'train.py default'}. Datasets skipped: "
             f"{', '.join(skipped) or 'none'}.\n\n" + markdown(rows, total_params))
     with open(os.path.join(args.out, "table.md"), "w") as md, open(os.path.join(args.out, "table.json"), "w") as js:
         md.write(text)

@@ -24,8 +24,9 @@ import torch.nn as nn
 import adapter
 import clip_min
 import data
-import evaluate
 import losses
+import metrics
+import recipe
 import runtime
 
 
@@ -40,12 +41,12 @@ def parse_args(argv=None):
                                                 "[ViT-B/32; demo: assets/mini-clip.pt, else a random tiny CLIP]")
     p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS), help="the backbone's MLP activation [what "
                    "the file records, else QuickGELU; open_clip's plain ViT-B-32 and ViT-L-14 are gelu]")
-    p.add_argument("--lr", type=float, default=None, help="[2e-4; demo: 1e-3]")
-    p.add_argument("--lr-decay-epoch", type=int, default=20, help="the first epoch (counted from 1) at lr x0.7, "
-                   "and x0.7 again every as many epochs, as the released code decays it")
-    p.add_argument("--epochs", type=int, default=None, help="[30; demo: 6]")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
-    p.add_argument("--margin", type=float, default=losses.MARGIN)
+    p.add_argument("--lr", type=float, default=None, help=f"[{recipe.LR:g}; demo: {recipe.DEMO['lr']:g}]")
+    p.add_argument("--lr-decay-epoch", type=int, default=recipe.LR_DECAY_EPOCH, help="the first epoch (counted from "
+                   f"1) at lr x{recipe.LR_DECAY}, and again every as many epochs, as the released code decays it")
+    p.add_argument("--epochs", type=int, default=None, help=f"[{recipe.EPOCHS}; demo: {recipe.DEMO['epochs']}]")
+    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="global batch, split across processes")
+    p.add_argument("--margin", type=float, default=recipe.MARGIN)
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs that have it, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
@@ -54,15 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--out", default=None, help="run folder [runs/<dataset>-<method>-<loss>]")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--seed", type=int, default=recipe.SEED)
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     p.add_argument("--save-minutes", type=float, default=10, help="mid-epoch saves of last.pt: at the first progress "
                    "line this many minutes after the last save (0: at every progress line)")
     args = p.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 6 if args.dataset == "demo" else 30
-    if args.lr is None:
-        args.lr = 1e-3 if args.dataset == "demo" else 2e-4  # the demo trains for minutes, not hours
+    for name, value in (recipe.DEMO if args.dataset == "demo" else dict(lr=recipe.LR, epochs=recipe.EPOCHS)).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
     if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch) < 1 or args.save_minutes < 0:
@@ -248,21 +248,21 @@ def record(run, entry):
 
 def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
-    similarity = evaluate.similarity(run.model, *run.splits[split], run.device, run.args.amp)
-    metrics = evaluate.retrieval_metrics(similarity)
-    bounds = evaluate.tie_bounds(similarity, metrics) if say_ties else ""
+    similarity = metrics.similarity(run.model, *run.splits[split], run.device, run.args.amp)
+    scores = metrics.retrieval_metrics(similarity)
+    bounds = metrics.tie_bounds(similarity, scores) if say_ties else ""
     if bounds:
         log(bounds)
-    return metrics
+    return scores
 
 
 def score_before_training(run):
     """The starting point on both evaluation splits, so that every later number has something to be compared with."""
     before = {}
     for split in ("val", "test"):
-        before[split] = metrics = score(run, split)
-        log(f"before training: {split} {evaluate.format_metrics(metrics)}")
-        record(run, {"epoch": 0, "split": split, **metrics})
+        before[split] = scores = score(run, split)
+        log(f"before training: {split} {metrics.format_metrics(scores)}")
+        record(run, {"epoch": 0, "split": split, **scores})
     return before
 
 
@@ -283,7 +283,7 @@ def save(run, epoch, step, improved=False):
 
 def learning_rate(args, epoch):
     """The released schedule: x0.7 at every --lr-decay-epoch-th epoch (counted from 1), i.e. from the 20th on."""
-    return args.lr * 0.7 ** ((epoch + 1) // args.lr_decay_epoch)
+    return args.lr * recipe.LR_DECAY ** ((epoch + 1) // args.lr_decay_epoch)
 
 
 def train_epoch(run, epoch, first_step):
@@ -321,27 +321,27 @@ def train_epoch(run, epoch, first_step):
 def validate_and_save(run, epoch):
     """Model selection on the validation split (never the test split): best.pt keeps the best mR so far."""
     run.model.eval()
-    metrics = score(run, "val")
-    improved = metrics["mR"] > run.best_mr
-    run.best_mr = max(run.best_mr, metrics["mR"])
-    log(f"epoch {epoch + 1} val {evaluate.format_metrics(metrics)}" + (" (best)" if improved else ""))
-    record(run, {"epoch": epoch + 1, "split": "val", **metrics})
+    scores = score(run, "val")
+    improved = scores["mR"] > run.best_mr
+    run.best_mr = max(run.best_mr, scores["mR"])
+    log(f"epoch {epoch + 1} val {metrics.format_metrics(scores)}" + (" (best)" if improved else ""))
+    record(run, {"epoch": epoch + 1, "split": "val", **scores})
     save(run, epoch, run.steps, improved)
 
 
 def final_test(run, untrained_test):
     """The test split, scored once, with the weights validation chose (zero-shot: the frozen model's score)."""
     if run.optimizer is None:
-        metrics = untrained_test
+        scores = untrained_test
     else:
         best = torch.load(os.path.join(run.args.out, "best.pt"), map_location="cpu", weights_only=True)
         adapter.load_trainable(run.model, best["trainable"])
-        metrics = score(run, "test", say_ties=True)
-    log(f"test {evaluate.format_metrics(metrics)}")
-    record(run, {"split": "test", **metrics})
+        scores = score(run, "test", say_ties=True)
+    log(f"test {metrics.format_metrics(scores)}")
+    record(run, {"split": "test", **scores})
     with open(os.path.join(run.args.out, "test.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    return metrics
+        json.dump(scores, f, indent=1)
+    return scores
 
 
 def main(argv=None):

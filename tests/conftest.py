@@ -9,6 +9,7 @@ import torch
 
 import clip_min
 import data
+import demo
 import runtime
 
 with warnings.catch_warnings():
@@ -63,7 +64,7 @@ MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vi
 def make_world(root):
     """A 40 + 20 image dataset in the precomp layout and a random micro CLIP saved as a state_dict, under root."""
     # The "natural" demo is named demo_natural: read from --data-root like any dataset (not from the demo cache).
-    name = data.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
+    name = demo.make_demo(str(root), domain="natural", n_train=40, n_test=20, seed=0)
     torch.manual_seed(0)
     clip = str(root / "clip.pt")
     torch.save(clip_min.CLIP(MICRO).state_dict(), clip)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import adapter
 import clip_min
+import released
 
 # Small enough to be fast, wide enough for the MRS-Adapter's 64-wide bottleneck (1 and 2 attention heads).
 SMALL = clip_min.CLIPConfig(embed_dim=48, image_resolution=32, patch_size=16, vision_width=128, vision_layers=2,
@@ -432,7 +433,7 @@ def test_apply_rejects_bad_arguments():
         adapter.apply(adapter.apply(small_model(), "mrs"), "lora")
 
 
-# The authors' released names -> ours (written out here, independently of adapter.OFFICIAL_MRS_NAMES).
+# The authors' released names -> ours (written out here, independently of released.OFFICIAL_MRS_NAMES).
 RELEASED = {"visual_down_proj": "image_down", "down_proj": "text_down", "visual_up_proj": "image_up",
             "up_proj": "text_up", "share_up_proj": "shared_up"}
 
@@ -442,19 +443,19 @@ def test_load_official_mrs(prefix):
     base, (images, tokens) = small_model(), batch()
     trained = adapter.apply(copy.deepcopy(base), "mrs")
     randomize_trainable(trained)
-    released = {f"{prefix}{theirs}.{kind}": getattr(getattr(trained.mrs_adapter, ours), kind).detach().clone()
+    theirs_state = {f"{prefix}{theirs}.{kind}": getattr(getattr(trained.mrs_adapter, ours), kind).detach().clone()
                 for theirs, ours in RELEASED.items() for kind in ("weight", "bias")}
-    released[prefix + "clip.visual.proj"] = torch.zeros(3)  # the rest of PE_RSITR's state: ignored
+    theirs_state[prefix + "clip.visual.proj"] = torch.zeros(3)  # the rest of PE_RSITR's state: ignored
     model = adapter.apply(copy.deepcopy(base), "mrs")
-    adapter.load_official_mrs(model, released)
+    released.load_official_mrs(model, theirs_state)
     for a, b in zip(encode(model, images, tokens), encode(trained, images, tokens)):
         assert torch.equal(a, b)
     expected = adapter.trainable_state_dict(trained)
     assert all(torch.equal(v, expected[k]) for k, v in adapter.trainable_state_dict(model).items())
 
     with pytest.raises(ValueError, match="'share_up_proj.bias' is missing"):
-        adapter.load_official_mrs(model, {k: v for k, v in released.items() if "share_up_proj.bias" not in k})
+        released.load_official_mrs(model, {k: v for k, v in theirs_state.items() if "share_up_proj.bias" not in k})
     with pytest.raises(ValueError, match="'down_proj.weight' has shape"):
-        adapter.load_official_mrs(model, {**released, prefix + "down_proj.weight": torch.zeros(64, 7)})
+        released.load_official_mrs(model, {**theirs_state, prefix + "down_proj.weight": torch.zeros(64, 7)})
     with pytest.raises(ValueError, match="no MRS-Adapter"):
-        adapter.load_official_mrs(adapter.apply(small_model(), "lora"), released)
+        released.load_official_mrs(adapter.apply(small_model(), "lora"), theirs_state)

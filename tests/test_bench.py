@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import adapter
 import bench
 import clip_min
+import released
 import runtime
 import train
 
@@ -17,29 +18,29 @@ import train
 def test_released_path_matches_ours():
     """Same weights, dropout off: same clean embeddings, same HMMC loss, same adapter gradients after one step."""
     ours = bench.build_ours(bench.TINY, "mrs").eval()
-    released = bench.ReleasedPath(ours).eval()
-    assert not any(p.requires_grad for p in released.clip.parameters())  # the backbone is frozen
+    baseline = released.ReleasedPath(ours).eval()
+    assert not any(p.requires_grad for p in baseline.clip.parameters())  # the backbone is frozen
     images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
-    assert clip_min.trim(tokens).shape[1] < tokens.shape[1]  # ours runs on cut text, the released path on all 77 tokens
+    assert clip_min.trim(tokens).shape[1] < tokens.shape[1]  # ours runs on cut text, the baseline path on all 77 tokens
 
-    diffs = bench.max_differences(ours, released, images, tokens)
+    diffs = bench.max_differences(ours, baseline, images, tokens)
     assert diffs["image"] < 1e-5 and diffs["text"] < 1e-5
     with torch.no_grad():  # the adapter matters, so the comparison above is not vacuous
         without = bench.build_ours(bench.TINY, "mrs").eval()
         without.mrs_adapter.requires_grad_(False).image_up.weight.zero_()
         without.mrs_adapter.text_up.weight.zero_()
-        assert (without.encode_image(images) - released.encode_image(images, 0.0)).abs().max() > 1e-3
+        assert (without.encode_image(images) - baseline.encode_image(images, 0.0)).abs().max() > 1e-3
 
     args = argparse.Namespace(amp="off", loss="hmmc", mask_same_image=False, margin=0.2, grad_clip=0.0)
     our_params = [p for p in ours.parameters() if p.requires_grad]
     terms = train.train_step(adapter.ViewsEncoder(ours), torch.optim.Adam(our_params),
                              torch.amp.GradScaler("cpu", enabled=False), images, tokens, torch.arange(4), args)
-    loss = released.step(torch.optim.Adam(released.adapter.parameters()), images, tokens)
+    loss = baseline.step(torch.optim.Adam(baseline.adapter.parameters()), images, tokens)
     assert terms["loss"] > 0.1  # hinges are active, so gradients flow
     assert abs(terms["loss"] - loss) <= 1e-5 * loss
-    for official, mine in adapter.OFFICIAL_MRS_NAMES.items():
+    for official, mine in released.OFFICIAL_MRS_NAMES.items():
         for kind in ("weight", "bias"):
-            theirs = getattr(getattr(released.adapter, official), kind).grad
+            theirs = getattr(getattr(baseline.adapter, official), kind).grad
             our = getattr(getattr(ours.mrs_adapter, mine), kind).grad
             assert theirs.abs().max() > 0
             torch.testing.assert_close(our, theirs, rtol=1e-4, atol=1e-6 * theirs.abs().max().item())

@@ -19,6 +19,7 @@ import transformers
 import adapter
 import clip_min
 import evaluate
+import released
 import runtime
 from clip_min import weights
 from conftest import MICRO, SMALL, reference_clip, save_openai_archive
@@ -307,46 +308,45 @@ def test_read_checkpoint_needs_torch_save_zip(tmp_path):
 def write_released_training_checkpoint(path, marker):
     """A model_best.pth.tar as the authors' train.py saves it, under DataParallel: their Model wraps PE_RSITR, which
     holds OpenAI's CLIP (fp16, trained too: their optimizer took every parameter) and the adapter `Uniadapt`."""
-    import bench  # its ReleasedPath is the released forward, written with OpenAI's modules
     openai = reference_clip(SMALL, seed=3)
     with torch.no_grad():
         for p in openai.parameters():
-            p.add_(torch.randn_like(p) * 0.01)  # the fine-tuning the released code did to CLIP
+            p.add_(torch.randn_like(p) * 0.01)  # the fine-tuning the baseline code did to CLIP
     openai = openai.half().float()
     ours = adapter.apply(clip_min.build_model(openai.state_dict()), "mrs")
     for p in ours.mrs_adapter.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    released = bench.ReleasedPath(ours).eval()  # holds the same weights, under the released names
+    baseline = released.ReleasedPath(ours).eval()  # holds the same weights, under the baseline names
     wrapper = torch.nn.Module()
     wrapper.PE_RSITR = torch.nn.Module()
-    wrapper.PE_RSITR.model = copy.deepcopy(released.clip).half()
-    wrapper.PE_RSITR.Uniadapt = released.adapter
+    wrapper.PE_RSITR.model = copy.deepcopy(baseline.clip).half()
+    wrapper.PE_RSITR.Uniadapt = baseline.adapter
     state = collections.OrderedDict(("module." + k, v) for k, v in wrapper.state_dict().items())
     options = argparse.Namespace(batch_size=16, preprocess=openai_clip_module._transform(SMALL["image_resolution"]),
                                  hook=RunsCommand(f"touch {marker}"))
     torch.save({"epoch": 12, "arch": "baseline", "model": state, "best_rsum": 300.0, "options": options,
                 "Eiters": 100}, path)
-    return released, openai
+    return baseline, openai
 
 
 def test_official_checkpoint_reproduces_the_released_forward(tmp_path, monkeypatch, capsys):
     path, marker = tmp_path / "model_best.pth.tar", tmp_path / "marker"
-    released, openai = write_released_training_checkpoint(path, marker)
+    baseline, openai = write_released_training_checkpoint(path, marker)
     cache = tmp_path / "clip-cache"
     monkeypatch.setattr(weights, "DEFAULT_ROOT", str(cache))
-    model = evaluate.official_model(str(path), torch.device("cpu"))
+    model = released.official_model(str(path), torch.device("cpu"))
     assert "not measured" in capsys.readouterr().out and not marker.exists()
     torch.manual_seed(0)
     images = torch.randn(2, 3, SMALL["image_resolution"], SMALL["image_resolution"])
     tokens = clip_min.tokenize(CAPTIONS)
     with torch.no_grad():
-        assert max_diff(model.encode_image(images), released.encode_image(images, 0.0)) < 1e-4
-        assert max_diff(model.encode_text(tokens), released.encode_text(tokens, 0.0)) < 1e-4
+        assert max_diff(model.encode_image(images), baseline.encode_image(images, 0.0)) < 1e-4
+        assert max_diff(model.encode_text(tokens), baseline.encode_text(tokens, 0.0)) < 1e-4
     # With OpenAI's file in the cache, it says how far the checkpoint's CLIP moved from it.
     cache.mkdir()
     untouched = reference_clip(SMALL, seed=3)
     save_openai_archive(untouched, cache / "ViT-B-32.pt")
-    evaluate.official_model(str(path), torch.device("cpu"))
+    released.official_model(str(path), torch.device("cpu"))
     moved = max((openai.state_dict()[k].half().float() - v.half().float()).abs().max().item()
                 for k, v in untouched.state_dict().items())
     assert f"by at most {moved:.3g} per weight" in capsys.readouterr().out and not marker.exists()

@@ -1,4 +1,4 @@
-"""End-to-end tests of evaluate.py's command line, and the exactness of evaluate.similarity."""
+"""End-to-end tests of evaluate.py's command line, and the exactness of metrics.similarity."""
 import glob
 import json
 import os
@@ -17,6 +17,7 @@ from PIL import Image
 import adapter
 import clip_min
 import evaluate
+import metrics
 import runtime
 import train
 from conftest import MICRO, make_world
@@ -159,7 +160,7 @@ def test_checkpoint_options_and_precision(trained, tmp_path, monkeypatch):
                  args={**state["args"], "amp": "bf16"})
     torch.save(state, tmp_path / "small.pt")
     seen = []
-    monkeypatch.setattr(evaluate, "similarity", lambda *a: seen.append(a[-1]) or torch.eye(len(a[1])).repeat(1, 5))
+    monkeypatch.setattr(metrics, "similarity", lambda *a: seen.append(a[-1]) or torch.eye(len(a[1])).repeat(1, 5))
     evaluate.main(["--checkpoint", str(tmp_path / "small.pt"), "--workers", "1", "--out", str(tmp_path / "e.json")])
     assert seen == ["off"]
 
@@ -182,7 +183,7 @@ def test_similarity_is_exact():
     tokens = clip_min.tokenize(captions, truncate=True)
     assert tokens.shape == (7, 77)
 
-    got = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=3)
+    got = metrics.similarity(model, images, tokens, torch.device("cpu"), batch_size=3)
     pixels = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)) \
         / torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
     with torch.no_grad():

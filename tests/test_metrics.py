@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
-from evaluate import retrieval_metrics
+import metrics
+from metrics import retrieval_metrics
 
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 RULES = ("expected", "pessimistic", "optimistic")
@@ -45,21 +45,21 @@ def brute_force(similarity, captions_per_image, ties):
     for j in range(n_captions):
         truth = j // captions_per_image
         queries["t2i"].append(query_hits([s[truth][j]], [s[i][j] for i in range(n_images) if i != truth], ties))
-    metrics = {}
+    scores = {}
     for direction, results in queries.items():
         for n, k in enumerate((1, 5, 10)):
-            metrics[f"{direction}_R@{k}"] = 100.0 * sum(hits[n] for hits, _ in results) / len(results)
-    metrics["mR"] = sum(metrics[key] for key in KEYS) / 6
-    metrics["tied_queries"] = sum(tied for results in queries.values() for _, tied in results)
-    return metrics
+            scores[f"{direction}_R@{k}"] = 100.0 * sum(hits[n] for hits, _ in results) / len(results)
+    scores["mR"] = sum(scores[key] for key in KEYS) / 6
+    scores["tied_queries"] = sum(tied for results in queries.values() for _, tied in results)
+    return scores
 
 
-def assert_same(metrics, expected):
-    assert set(metrics) == set(KEYS) | {"mR", "tied_queries"}
-    assert metrics["tied_queries"] == expected["tied_queries"]
+def assert_same(scores, expected):
+    assert set(scores) == set(KEYS) | {"mR", "tied_queries"}
+    assert scores["tied_queries"] == expected["tied_queries"]
     for key in (*KEYS, "mR"):
-        assert isinstance(metrics[key], float)
-        assert metrics[key] == pytest.approx(expected[key], abs=1e-9), key
+        assert isinstance(scores[key], float)
+        assert scores[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
 def test_hand_worked_two_images_ten_captions():
@@ -167,14 +167,14 @@ def test_expected_equals_the_released_code_averaged_over_tie_orders(seed):
     rng = np.random.default_rng(100 + seed)
     trials = np.array([released_recalls(similarity, rng) for _ in range(2000)])
     mean, standard_error = trials.mean(axis=0), trials.std(axis=0, ddof=1) / np.sqrt(len(trials))
-    metrics = retrieval_metrics(torch.from_numpy(similarity))
+    scores = retrieval_metrics(torch.from_numpy(similarity))
     bounds = retrieval_metrics(torch.from_numpy(similarity), ties="pessimistic"), \
         retrieval_metrics(torch.from_numpy(similarity), ties="optimistic")
     # The construction must be tie-heavy: most queries tied, and the two bounds far apart.
-    assert metrics["tied_queries"] > 0.5 * sum(similarity.shape)
+    assert scores["tied_queries"] > 0.5 * sum(similarity.shape)
     assert bounds[1]["i2t_R@1"] - bounds[0]["i2t_R@1"] > 20 and bounds[1]["t2i_R@1"] - bounds[0]["t2i_R@1"] > 5
     for n, key in enumerate(KEYS):
-        assert abs(metrics[key] - mean[n]) <= 4 * standard_error[n] + 1e-9, (key, metrics[key], mean[n])
+        assert abs(scores[key] - mean[n]) <= 4 * standard_error[n] + 1e-9, (key, scores[key], mean[n])
 
 
 def test_rules_are_ordered_optimistic_expected_pessimistic():
@@ -196,12 +196,12 @@ def test_a_collapsed_model_scores_chance_expected_and_last_or_first_by_the_bound
     positions with probability 1/N; an image's five captions all miss the top K with probability
     C(5N - 5, K) / C(5N, K)."""
     similarity = torch.zeros(n_images, 5 * n_images)
-    metrics = retrieval_metrics(similarity)
+    scores = retrieval_metrics(similarity)
     for k in (1, 5, 10):
-        assert metrics[f"t2i_R@{k}"] == pytest.approx(100.0 * min(k, n_images) / n_images, abs=1e-9)
+        assert scores[f"t2i_R@{k}"] == pytest.approx(100.0 * min(k, n_images) / n_images, abs=1e-9)
         chance = 1 - comb(5 * n_images - 5, k) / comb(5 * n_images, k)
-        assert metrics[f"i2t_R@{k}"] == pytest.approx(100.0 * chance, abs=1e-9)
-    assert metrics["tied_queries"] == 6 * n_images
+        assert scores[f"i2t_R@{k}"] == pytest.approx(100.0 * chance, abs=1e-9)
+    assert scores["tied_queries"] == 6 * n_images
     # Pessimistic: every other candidate ranks first (a caption at rank N - 1, an image at 5N - 5); optimistic: rank 0.
     worst, best = retrieval_metrics(similarity, ties="pessimistic"), retrieval_metrics(similarity, ties="optimistic")
     for k in (1, 5, 10):
@@ -229,11 +229,11 @@ def test_bad_input_raises():
 
 def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
     untied = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
-    assert evaluate.tie_bounds(untied, retrieval_metrics(untied)) == ""
+    assert metrics.tie_bounds(untied, retrieval_metrics(untied)) == ""
     tied = ucm_like(0)
-    metrics = retrieval_metrics(tied)
-    line = evaluate.tie_bounds(tied, metrics)
+    scores = retrieval_metrics(tied)
+    line = metrics.tie_bounds(tied, scores)
     low, high = (retrieval_metrics(tied, ties=rule)["mR"] for rule in ("pessimistic", "optimistic"))
-    assert f"{metrics['tied_queries']} of {sum(tied.shape)} queries" in line
+    assert f"{scores['tied_queries']} of {sum(tied.shape)} queries" in line
     assert f"mR {low:.2f} if every tie went against the truth, {high:.2f} if every one went for it" in line
-    assert low < metrics["mR"] < high
+    assert low < scores["mR"] < high

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import clip_min
-import evaluate
+import metrics
 import runtime
 from conftest import VIT_B_32, reference_clip
 
@@ -85,9 +85,9 @@ def test_encoding_a_split_says_how_far_it_is(capsys):
                                               vision_layers=1, text_width=64, text_layers=1)).eval()
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     tokens = clip_min.tokenize([f"caption {i}" for i in range(25)])
-    quiet = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=2)
+    quiet = metrics.similarity(model, images, tokens, torch.device("cpu"), batch_size=2)
     assert capsys.readouterr().out == ""
-    loud = evaluate.similarity(model, images, tokens, torch.device("cpu"), batch_size=2, progress_seconds=0)
+    loud = metrics.similarity(model, images, tokens, torch.device("cpu"), batch_size=2, progress_seconds=0)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["encoded 2/5 images", "encoded 4/5 images", "encoded 5/5 images"]
     assert lines[3] == "encoded 2/25 captions" and lines[-1] == "encoded 25/25 captions" and len(lines) == 3 + 13

@@ -11,7 +11,7 @@ import torch
 
 import adapter
 import clip_min
-import data
+import demo
 import losses
 import runtime
 import train
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("exact_cpu")
 def test_training_pairs_each_caption_with_its_own_image(tmp_path):
     """One epoch from the bundled mini CLIP on overhead scenes lifts the test mR well above zero-shot (by 10 to 12
     points over seeds; captions trained with their neighbour's image drag it below, to 14 from 32)."""
-    data.make_demo(str(tmp_path), n_train=200, n_test=100, seed=0)
+    demo.make_demo(str(tmp_path), n_train=200, n_test=100, seed=0)
     for part in ("precomp", "images"):  # renamed: under the name "demo" train.py would generate its default size
         os.rename(tmp_path / f"demo_{part}", tmp_path / f"overhead_{part}")
     out = tmp_path / "run"
@@ -88,7 +88,7 @@ def test_recipe_defaults(monkeypatch):
 def test_a_default_run_follows_the_recipe(tmp_path):
     """Nothing but the data, the backbone and the run folder given: 30 epochs of batch 16 at lr 2e-4, x0.7 from the
     20th epoch (counted from 1), the MRS-Adapter trained with HMMC's three terms."""
-    name = data.make_demo(str(tmp_path), domain="natural", n_train=10, n_test=2, seed=0)  # 8 training images
+    name = demo.make_demo(str(tmp_path), domain="natural", n_train=10, n_test=2, seed=0)  # 8 training images
     torch.manual_seed(0)
     torch.save(clip_min.CLIP(MICRO).state_dict(), tmp_path / "clip.pt")
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ import torch
 import adapter
 import clip_min
 import data
-import evaluate
+import metrics
 import losses
 import runtime
 import train
@@ -123,13 +123,13 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     adapter.load_trainable(model, best["trainable"])
     images = data.cache_images(val_split.image_paths, MICRO.image_resolution, workers=1)
     tokens = clip_min.tokenize(val_split.captions, truncate=True)
-    sim = evaluate.similarity(model.eval(), images, tokens, torch.device("cpu"))
-    assert evaluate.retrieval_metrics(sim)["mR"] == best_mr
+    sim = metrics.similarity(model.eval(), images, tokens, torch.device("cpu"))
+    assert metrics.retrieval_metrics(sim)["mR"] == best_mr
 
 
 def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monkeypatch):
     """Validation scripted to peak at epoch 1 of 2: best.pt is epoch 1, and test.json scores best.pt, not last.pt."""
-    real_metrics, val_mr = evaluate.retrieval_metrics, iter([0.0, 90.0, 10.0])  # before training, epoch 1, epoch 2
+    real_metrics, val_mr = metrics.retrieval_metrics, iter([0.0, 90.0, 10.0])  # before training, epoch 1, epoch 2
 
     def scripted(sim, *a, **k):
         m = real_metrics(sim, *a, **k)
@@ -137,10 +137,10 @@ def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monke
             m["mR"] = next(val_mr)
         return m
 
-    monkeypatch.setattr(evaluate, "retrieval_metrics", scripted)
+    monkeypatch.setattr(metrics, "retrieval_metrics", scripted)
     out = tmp_path / "run"
     result = run(world, out, "--epochs", "2", "--lr", "1e-3")
-    monkeypatch.setattr(evaluate, "retrieval_metrics", real_metrics)
+    monkeypatch.setattr(metrics, "retrieval_metrics", real_metrics)
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 0 and best["best_mR"] == 90.0
     assert max_change(best["trainable"], trainable(out / "last.pt")) > 1e-4
@@ -150,8 +150,8 @@ def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monke
     test = data.load_split(world.name, world.root, "test")
     images = data.cache_images(test.image_paths, MICRO.image_resolution, workers=1)
     tokens = clip_min.tokenize(test.captions, truncate=True)
-    sim = evaluate.similarity(model.eval(), images, tokens, torch.device("cpu"))
-    assert result == evaluate.retrieval_metrics(sim)
+    sim = metrics.similarity(model.eval(), images, tokens, torch.device("cpu"))
+    assert result == metrics.retrieval_metrics(sim)
 
 
 @pytest.mark.parametrize("save_minutes, interrupt_at, saved_at", [(1e3, 3, (0, 20)), (0, 13, (1, 13))],
