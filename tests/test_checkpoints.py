@@ -21,7 +21,7 @@ import clip_min
 import evaluate
 import released
 import runtime
-from clip_min import weights
+from clip_min import formats, weights
 from conftest import MICRO, SMALL, reference_clip, save_openai_archive
 
 with warnings.catch_warnings():
@@ -176,17 +176,17 @@ def test_hugging_face_config_clip_min_cannot_follow(tmp_path):
 # ---------------------------------------------------------------------------------------------------- safetensors
 
 def test_safetensors_reader_matches_the_package(tmp_path):
-    assert {"F32", "F16", "BF16", "I64"} <= set(weights.SAFETENSORS_DTYPES)
+    assert {"F32", "F16", "BF16", "I64"} <= set(formats.SAFETENSORS_DTYPES)
     torch.manual_seed(0)
     tensors = {}
-    for i, dtype in enumerate(weights.SAFETENSORS_DTYPES.values()):
+    for i, dtype in enumerate(formats.SAFETENSORS_DTYPES.values()):
         shape = [(3, 5), (7,), (), (0, 4), (2, 1, 3)][i % 5]
         values = torch.randn(shape) * 50
         integers = values.to(torch.int64)  # the narrow types wrap around: only the stored bytes matter
         tensors[f"t{i}.{dtype}"] = values.to(dtype) if dtype.is_floating_point else integers.to(dtype)
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    ours, theirs = weights.read_safetensors(path), safetensors.torch.load_file(path)
+    ours, theirs = formats.read_safetensors(path), safetensors.torch.load_file(path)
     assert list(ours) == list(theirs) and set(ours) == set(tensors)
     for name, expected in theirs.items():
         assert ours[name].dtype == expected.dtype and ours[name].shape == expected.shape, name
@@ -218,7 +218,7 @@ def test_safetensors_reader_rejects_broken_files(tmp_path):
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(content)
         with pytest.raises(ValueError, match=f"{name}.safetensors is not a valid safetensors file: {message}"):
-            weights.read_safetensors(path)
+            formats.read_safetensors(path)
 
 
 # ---------------------------------------------------------------------------------------------------- read_checkpoint
