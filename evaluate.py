@@ -91,11 +91,7 @@ def read_checkpoint(args, p):
             raise SystemExit(f"checkpoint not found: {args.official_checkpoint}")
     elif args.method != "zeroshot":
         args.checkpoint = args.checkpoint or latest_run()
-        if not os.path.isfile(args.checkpoint):
-            raise SystemExit(f"checkpoint not found: {args.checkpoint}")
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if "trainable" not in state:
-            raise SystemExit(f"{args.checkpoint} is not a checkpoint written by train.py (no 'trainable' entry)")
+        state = runtime.read_checkpoint(args.checkpoint)
     saved = state.get("args", {})
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     args.data_root = args.data_root or saved.get("data_root")
@@ -107,13 +103,7 @@ def build(args, state, saved, device):
     if args.official_checkpoint:
         return released.official_model(args.official_checkpoint, device), "mrs (released checkpoint)"
     method = args.method or state["method"]
-    backbone = runtime.load_backbone(args.clip or state.get("clip"), args.dataset, saved.get("seed", 2), device,
-                                     args.clip_activation or state.get("activation"))
-    options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
-    model = adapter.apply(backbone, method, **options).to(device).eval()
-    if state:
-        adapter.load_trainable(model, state["trainable"])
-    return model, method
+    return runtime.trained_model(state, device, args.clip, args.clip_activation, method, args.dataset), method
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ OFFICIAL_MRS_NAMES = {"visual_down_proj": "image_down", "down_proj": "text_down"
 def released_state_dict(path):
     """The 'model' state_dict of a checkpoint saved by the authors' train.py ({'epoch', 'model', 'options', ...}, the
     options holding CLIP's preprocessing objects): tensors come back, every other object as an inert stand-in."""
-    checkpoint = clip_min.weights.read_checkpoint(path)
+    checkpoint = clip_min.formats.read_checkpoint(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         raise ValueError(f"{path} is not a checkpoint saved by the released PE-RSITR code (no 'model' state_dict)")
     return checkpoint["model"]
@@ -71,7 +71,7 @@ def official_model(path, device):
         raise ValueError(f"{path} holds no CLIP weights under '{prefix}'")
     model = adapter.apply(clip_min.build_model(clip), "mrs")
     load_official_mrs(model, weights)
-    openai = os.path.join(os.path.expanduser(clip_min.weights.DEFAULT_ROOT), "ViT-B-32.pt")
+    openai = os.path.join(os.path.expanduser(clip_min.download.DEFAULT_ROOT), "ViT-B-32.pt")
     if os.path.isfile(openai):
         theirs = clip_min.weights.read_state_dict(openai)
         change = max((clip[k].float() - v).abs().max().item() for k, v in theirs.items() if k in clip)

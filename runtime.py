@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import adapter
 import clip_min
 
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-clip.pt")
@@ -31,6 +32,31 @@ def load_backbone(clip, dataset, seed, device, activation=None):
             torch.manual_seed(seed)
             return clip_min.CLIP(TINY_CLIP).to(device).eval()
     return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
+
+
+def read_checkpoint(path):
+    """A best.pt or last.pt written by train.py: the trained tensors, the method and its options, the run's
+    arguments."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "trainable" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'trainable' entry)")
+    return state
+
+
+def trained_model(state, device, clip=None, activation=None, method=None, dataset=None):
+    """The model a train.py checkpoint holds (state: read_checkpoint's), in eval mode: its backbone (or `clip`) with
+    its method and trained weights. Without a state, `method` on the frozen backbone (zeroshot: CLIP itself)."""
+    saved = state.get("args", {})
+    method = method or state["method"]
+    backbone = load_backbone(clip or state.get("clip"), dataset or saved.get("dataset"), saved.get("seed", 2),
+                             device, activation or state.get("activation"))
+    options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
+    model = adapter.apply(backbone, method, **options).to(device).eval()
+    if state:
+        adapter.load_trainable(model, state["trainable"])
+    return model
 
 
 def cpu_has_native_bf16():

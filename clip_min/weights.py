@@ -9,8 +9,6 @@ import sys
 import torch
 
 from .download import MODELS, available_models, download
-from .download import DEFAULT_ROOT, _sha256_of  # noqa: F401  evaluate.py and table.py read them from here
-from .formats import Inert, read_checkpoint  # noqa: F401  adapter.py and the tests read them from here
 from .formats import read_safetensors, read_saved, read_torchscript
 from .hugging_face import from_hugging_face, hugging_face_activation
 from .model import build_model

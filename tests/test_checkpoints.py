@@ -21,7 +21,7 @@ import clip_min
 import evaluate
 import released
 import runtime
-from clip_min import formats, weights
+from clip_min import formats
 from conftest import MICRO, SMALL, reference_clip, save_openai_archive
 
 with warnings.catch_warnings():
@@ -269,7 +269,7 @@ def test_read_checkpoint_returns_tensors_and_runs_nothing(tmp_path, monkeypatch)
     marker = tmp_path / "marker"
     path, saved = released_checkpoint(tmp_path, marker)
     monkeypatch.delitem(sys.modules, "colorsys")
-    loaded = weights.read_checkpoint(path)
+    loaded = formats.read_checkpoint(path)
     assert not marker.exists() and "colorsys" not in sys.modules
 
     assert {k: loaded[k] for k in ("epoch", "arch", "best_rsum", "Eiters")} == {
@@ -280,7 +280,7 @@ def test_read_checkpoint_returns_tensors_and_runs_nothing(tmp_path, monkeypatch)
 
     # Every other object is an inert stand-in that kept what the file gave it.
     options = loaded["options"]
-    assert isinstance(options, weights.Inert) and options.global_name == "argparse.Namespace"
+    assert isinstance(options, formats.Inert) and options.global_name == "argparse.Namespace"
     assert {k: options.state[k] for k in ("batch_size", "lr", "lr_decay_epochs", "model_name")} == {
         "batch_size": 16, "lr": 2e-4, "lr_decay_epochs": [20], "model_name": "ViT-B/32"}
     steps = options.state["preprocess"].state["transforms"]
@@ -299,7 +299,7 @@ def test_read_checkpoint_needs_torch_save_zip(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save({"a": torch.zeros(1)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="not a zip file written by torch.save"):
-        weights.read_checkpoint(path)
+        formats.read_checkpoint(path)
 
 
 # ------------------------------------------------------------------ the authors' trained adapters, end to end
@@ -333,7 +333,7 @@ def test_official_checkpoint_reproduces_the_released_forward(tmp_path, monkeypat
     path, marker = tmp_path / "model_best.pth.tar", tmp_path / "marker"
     baseline, openai = write_released_training_checkpoint(path, marker)
     cache = tmp_path / "clip-cache"
-    monkeypatch.setattr(weights, "DEFAULT_ROOT", str(cache))
+    monkeypatch.setattr(clip_min.download, "DEFAULT_ROOT", str(cache))
     model = released.official_model(str(path), torch.device("cpu"))
     assert "not measured" in capsys.readouterr().out and not marker.exists()
     torch.manual_seed(0)
@@ -357,7 +357,7 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
     world = make_world(tmp_path / "world")  # 64-pixel images, as SMALL's resolution
     path = tmp_path / "model_best.pth.tar"
     write_released_training_checkpoint(path, tmp_path / "marker")
-    monkeypatch.setattr(weights, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
+    monkeypatch.setattr(clip_min.download, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     evaluate.main(["--official-checkpoint", str(path), "--dataset", world.name, "--data-root", world.root,
                    "--workers", "1"])

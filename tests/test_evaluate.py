@@ -169,7 +169,7 @@ def test_no_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no trained run"):
         evaluate.main([])
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")])
 
 
