@@ -4,8 +4,9 @@
     image, text, image_aug, text_aug = adapter.encode_views(model, images, tokens)
     torch.save(adapter.trainable_state_dict(model), "mrs.pt")   # 161,088 numbers instead of CLIP's 151M
 
-Methods attach from outside by replacing blocks or wrapping modules. A replacement holds the backbone's own
-modules, so the backbone's parameter names (and OpenAI checkpoints) stay valid after apply.
+Methods attach as modules: block-level methods replace CLIP's residual blocks with blocks that hold the backbone's own
+modules, the others take CLIP's extension points (text_prompt, image_head, text_head), so the backbone's parameter
+names (and OpenAI checkpoints) stay valid after apply.
 """
 import functools
 import math
@@ -135,6 +136,8 @@ class AdaptFormerBlock(BackboneBlock):
 class LoRABlock(BackboneBlock):
     """Hu et al.: the targeted attention projections W (of q, k, v) become W + (alpha / rank) B A."""
 
+    full_precision = ("attn",)  # the update is added to attn's frozen weight in fp32, outside any matrix product
+
     def __init__(self, block, targets, rank, alpha):
         super().__init__(block)
         self.lora_a = nn.Parameter(torch.empty(len(targets), rank, self.width))  # one A and one B per target
@@ -161,7 +164,9 @@ def adapted_block(model, block, modality, method, options):
         return HoulsbyBlock(block, options["bottleneck"])
     if method == "adaptformer":
         return AdaptFormerBlock(block, options["bottleneck"], options["scale"], options["reads"])
-    return LoRABlock(block, options["targets"], options["rank"], options["alpha"])
+    if method == "lora":
+        return LoRABlock(block, options["targets"], options["rank"], options["alpha"])
+    raise ValueError(f"{method!r} is not a block-level method; those are: {', '.join(BLOCK_METHODS)}")
 
 
 class PromptedTransformer(nn.Module):
@@ -190,26 +195,25 @@ class PromptedTransformer(nn.Module):
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
 
 
-def coop_layout(model, tokens):
-    """Token ids in CoOp's layout "start X .. X caption end": a placeholder (id 0) per context vector after the
-    start token, the caption shifted right by as many. A caption that no longer fits in the context length loses
-    its last words, and its end token (the highest id, where pooling reads) takes the last position."""
-    n_ctx, length = len(model.coop_context), len(model.positional_embedding)
-    rows, ends = torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)
-    laid = torch.cat([tokens[:, :1], tokens.new_zeros(len(tokens), n_ctx), tokens[:, 1:]], dim=1)[:, :length]
-    laid[rows, (ends + n_ctx).clamp(max=length - 1)] = tokens[rows, ends]
-    return laid
+class CoOpPrompt(nn.Module):
+    """CoOp: learned context vectors between the start token and the caption, "start X .. X caption end", positions
+    then added over it all. A caption that no longer fits in the context length loses its last words, and its end
+    token (the highest id, where pooling reads) takes the last position."""
 
+    def __init__(self, n_ctx, width, context_length):
+        super().__init__()
+        self.context = nn.Parameter(torch.randn(n_ctx, width) * 0.02)  # CoOp's generic context: N(0, 0.02)
+        self.context_length = context_length
 
-def coop_embed_text(model, tokens):
-    """CoOp's prompt: the learned context takes the placeholders' places, then positions are added to it all."""
-    x, ctx = model.token_embedding(coop_layout(model, tokens)), model.coop_context
-    x = torch.cat([x[:, :1], ctx.to(x.dtype).expand(len(x), -1, -1), x[:, 1 + len(ctx):]], dim=1)
-    return x + model.positional_embedding[: x.shape[1]]
-
-
-def coop_pool_text(model, x, tokens):
-    return type(model).pool_text(model, x, coop_layout(model, tokens))  # the end token, where the layout put it
+    def forward(self, x, tokens):
+        n, length = len(self.context), self.context_length
+        rows, ends = torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)
+        context = self.context.to(x.dtype).expand(len(x), -1, -1)
+        laid = torch.cat([x[:, :1], context, x[:, 1:]], dim=1)[:, :length]
+        laid_tokens = torch.cat([tokens[:, :1], tokens.new_zeros(len(tokens), n), tokens[:, 1:]], dim=1)[:, :length]
+        last = (ends + n).clamp(max=length - 1)
+        laid[rows, last], laid_tokens[rows, last] = x[rows, ends], tokens[rows, ends]
+        return laid, laid_tokens
 
 
 class ClipAdapterHead(nn.Module):
@@ -225,22 +229,6 @@ class ClipAdapterHead(nn.Module):
 
     def forward(self, f):
         return self.alpha * self.mlp(f) + (1 - self.alpha) * f
-
-
-def _pool_then_head(pool, tower, head, *args):
-    return head(pool(tower, *args))
-
-
-def add_output_heads(model, make_head):
-    """Put a trainable head on each encoder's output embedding (after the projection).
-
-    clip_min has no module after its projections, so this instance's pooling steps are replaced;
-    encode_image, encode_text and encode_views all go through them.
-    """
-    dim = model.text_projection.shape[1]
-    model.image_head, model.text_head = make_head(dim), make_head(dim)
-    model.visual.pool = functools.partial(_pool_then_head, type(model.visual).pool, model.visual, model.image_head)
-    model.pool_text = functools.partial(_pool_then_head, type(model).pool_text, model, model.text_head)
 
 
 def identity_linear(dim):
@@ -280,6 +268,7 @@ def apply(model, method="mrs", **options):
     if hasattr(model, "petl_method"):
         raise ValueError(f"this model already has {model.petl_method!r} attached; apply a method to a fresh model")
     device, context_length = model.text_projection.device, len(model.positional_embedding)
+    dim = model.text_projection.shape[1]
     if method == "coop" and not 0 < options["n_ctx"] <= context_length - 2:
         raise ValueError(f"coop n_ctx must leave room for the start and end tokens in the context of "
                          f"{context_length}, got {options['n_ctx']}")
@@ -292,16 +281,15 @@ def apply(model, method="mrs", **options):
             for i, block in enumerate(tower.resblocks):
                 tower.resblocks[i] = adapted_block(model, block, modality, method, options)
     elif method == "linear":
-        add_output_heads(model, identity_linear)
+        model.image_head, model.text_head = identity_linear(dim), identity_linear(dim)
     elif method == "clip_adapter":
-        add_output_heads(model, lambda dim: ClipAdapterHead(dim, options["reduction"], options["alpha"]))
+        head = functools.partial(ClipAdapterHead, dim, options["reduction"], options["alpha"])
+        model.image_head, model.text_head = head(), head()
     elif method == "vpt":
         model.visual.transformer = PromptedTransformer(model.visual.transformer, options["n_prompts"],
                                                        options["deep"], math.prod(model.visual.conv1.kernel_size))
-    elif method == "coop":  # CoOp's generic context: N(0, 0.02); this instance's text embedding and pooling change
-        model.coop_context = nn.Parameter(torch.randn(options["n_ctx"], model.transformer.width) * 0.02)
-        model.embed_text = functools.partial(coop_embed_text, model)
-        model.pool_text = functools.partial(coop_pool_text, model)
+    elif method == "coop":
+        model.text_prompt = CoOpPrompt(options["n_ctx"], model.transformer.width, context_length)
     model.to(device).train(model.training)  # new modules take the model's device and train/eval mode
     model.petl_method, model.petl_options = method, options
     return model
@@ -317,8 +305,8 @@ def encode_views(model, images, tokens, p=recipe.VIEW_DROPOUT):
     """
     x = model.visual.embed(images.to(model.visual.conv1.weight.dtype))
     x = torch.cat([x, F.dropout(x, p, model.training)])
-    image, image_aug = model.visual.pool(model.visual.transformer(x)).chunk(2)
-    t = model.embed_text(tokens)
+    image, image_aug = model.pool_image(model.visual.transformer(x)).chunk(2)
+    t, tokens = model.embed_text(tokens)
     t = torch.cat([t, F.dropout(t, p, model.training)])
     text, text_aug = model.pool_text(model.transformer(t), torch.cat([tokens, tokens])).chunk(2)
     return image, text, image_aug, text_aug

@@ -90,9 +90,9 @@ def autocast(device_type, amp):
 @contextlib.contextmanager
 def training_attention(device_type, amp):
     """The attention kernel of a training step. On a CPU under bf16/fp16, softmax between two matrix products in that
-    precision: the fused kernel's backward is slow for CLIP's short sequences (a quarter of a ViT-B/32 step at batch
-    16), and the unfused one, by default, casts q, k and v to fp32 and multiplies them there (a sixth of the step);
-    softmax itself still sums in fp32. fp32 and GPUs keep torch's choice."""
+    precision: the fused kernel's backward is slow for CLIP's short sequences, and the unfused one, by default, casts
+    q, k and v to fp32 and multiplies them there; softmax itself still sums in fp32. fp32 and GPUs keep torch's
+    choice."""
     if device_type != "cpu" or amp not in AMP_DTYPES:
         yield
         return
@@ -108,15 +108,15 @@ def training_attention(device_type, amp):
 def keep_frozen_weights_in(model, amp):
     """Under bf16/fp16 autocast, store the frozen weights that only matrix products read in that precision, once.
 
-    Autocast caches the low-precision copy of trainable weights only: a frozen backbone's weights were cast again at
-    every call (about 15% of a bf16 CPU training step). The cast is the same rounding autocast makes, so every
-    result is unchanged. LoRA adds its update to the attention's input projection in fp32: that one stays.
+    Autocast caches the low-precision copy of trainable weights only: a frozen backbone's weights would be cast again
+    at every call. The cast is the same rounding autocast makes, so every result is unchanged. A method names the
+    submodules whose weights it reads otherwise in `full_precision` (LoRA: the attention it adds its update to).
     """
     dtype = AMP_DTYPES.get(amp)
+    kept = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "full_precision", ())}
     for module in model.modules() if dtype else []:
-        reads_by_matmul = isinstance(module, (nn.Linear, nn.Conv2d)) or (
-            isinstance(module, clip_min.model.Attention) and model.petl_method != "lora")
-        for p in module.parameters(recurse=False) if reads_by_matmul else []:
+        matmul_only = isinstance(module, (nn.Linear, nn.Conv2d, clip_min.model.Attention)) and id(module) not in kept
+        for p in module.parameters(recurse=False) if matmul_only else []:
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
 
@@ -125,7 +125,7 @@ def keep_freed_memory():
     """CPU speed: freed tensors stay in the process for the next step instead of going back to the OS (glibc).
 
     glibc returns every block above 32 MB to the OS when it is freed (at batch 64 one MLP activation of ViT-B/32 is
-    80 MB), and the next step page-faults and zero-fills it again: a fifth of a CPU training step went there.
+    80 MB), and the next step would page-fault and zero-fill it again.
     """
     try:
         libc = ctypes.CDLL(None)

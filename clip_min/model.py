@@ -40,8 +40,8 @@ def quick_gelu(x):
 
 class QuickGELUWithFusedBackward(torch.autograd.Function):
     """quick_gelu, differentiated in one pass: its derivative is silu'(1.702 x), one torch kernel, where autograd
-    through the formula takes five element-wise passes and keeps two tensors instead of one (a twentieth of a bf16
-    CPU training step). It rounds differently from autograd's chain of passes, hence bf16/fp16 only."""
+    through the formula takes five element-wise passes and keeps two tensors instead of one. It rounds differently
+    from autograd's chain of passes, hence bf16/fp16 only."""
 
     @staticmethod
     def forward(ctx, x):
@@ -151,6 +151,15 @@ class VisionTransformer(nn.Module):
         return self.pool(self.transformer(self.embed(image)))
 
 
+class NoPrompt(nn.Module):
+    """The text prompt step of plain CLIP: the caption's token embeddings as they are. A method that learns a prompt
+    (CoOp) replaces it: forward(x, tokens) returns the first text block's input without positions, [batch, L, width],
+    and the token ids in that layout, so that pooling finds the end token where the prompt put it."""
+
+    def forward(self, x, tokens):
+        return x, tokens
+
+
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -163,6 +172,11 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(config.text_width)
         self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]))
+        # Extension points, parameter-free here: a PETL method attaches by replacing them with its own module, so
+        # encode_image / encode_text say everything the model computes and the backbone's names never change.
+        self.text_prompt = NoPrompt()  # CoOp's learned context
+        self.image_head = nn.Identity()  # after the image projection: linear probe, CLIP-Adapter
+        self.text_head = nn.Identity()  # after the text projection
         self.initialize_parameters()
 
     def initialize_parameters(self):
@@ -184,20 +198,27 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 
     def embed_text(self, text):
-        """Token + position embeddings: the input of the first text block."""
-        return self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
+        """Token embeddings through the prompt step, + positions: the input of the first text block, and the token
+        ids in its layout."""
+        x, text = self.text_prompt(self.token_embedding(text), text)
+        return x + self.positional_embedding[: x.shape[1]], text
 
     def pool_text(self, x, text):
         """The feature is read at the end-of-text token, the highest id in every sequence."""
         x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)])
-        return x @ self.text_projection
+        return self.text_head(x @ self.text_projection)
+
+    def pool_image(self, x):
+        return self.image_head(self.visual.pool(x))
 
     def encode_image(self, image):
-        return self.visual(image.to(self.visual.conv1.weight.dtype))
+        image = image.to(self.visual.conv1.weight.dtype)
+        return self.pool_image(self.visual.transformer(self.visual.embed(image)))
 
     def encode_text(self, text):
         """text: [batch, tokens] ids, at most context_length long; may be cut to the longest caption."""
-        return self.pool_text(self.transformer(self.embed_text(text)), text)
+        x, text = self.embed_text(text)
+        return self.pool_text(self.transformer(x), text)
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)

@@ -162,9 +162,9 @@ def test_mrs_computes_the_formula():
         return x
 
     with torch.no_grad():
-        image = base.visual.pool(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images),
+        image = base.pool_image(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images),
                                              mrs.image_down, mrs.image_up))
-        text = base.pool_text(naive_tower(base.transformer.resblocks, base.embed_text(tokens),
+        text = base.pool_text(naive_tower(base.transformer.resblocks, base.embed_text(tokens)[0],
                                           mrs.text_down, mrs.text_up), tokens)
     ours = encode(model, images, tokens)
     frozen = encode(base, images, tokens)
@@ -251,7 +251,7 @@ def test_vpt_computes_the_formula(options):
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
 
     with torch.no_grad():
-        expected = base.visual.pool(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images)))
+        expected = base.pool_image(naive_tower(base.visual.transformer.resblocks, base.visual.embed(images)))
     torch.testing.assert_close(encode(model, images, tokens)[0], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -270,7 +270,7 @@ def test_coop_computes_the_formula():
     base, (images, short) = small_model(), batch()
     model = adapter.apply(copy.deepcopy(base), "coop")
     randomize_trainable(model)
-    ctx = model.coop_context.detach()
+    ctx = model.text_prompt.context.detach()
     assert ctx.shape == (16, SMALL.text_width)
     start, end = SMALL.vocab_size - 2, SMALL.vocab_size - 1
     long = torch.tensor([[start, *torch.randint(1, start, (70,)).tolist(), end]])
@@ -320,9 +320,9 @@ def test_block_methods_compute_their_formula(method, options):
         return x
 
     with torch.no_grad():
-        image = base.visual.pool(naive_tower(base.visual.transformer, model.visual.transformer,
+        image = base.pool_image(naive_tower(base.visual.transformer, model.visual.transformer,
                                              base.visual.embed(images)))
-        text = base.pool_text(naive_tower(base.transformer, model.transformer, base.embed_text(tokens)), tokens)
+        text = base.pool_text(naive_tower(base.transformer, model.transformer, base.embed_text(tokens)[0]), tokens)
     ours, frozen = encode(model, images, tokens), encode(base, images, tokens)
     assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(ours, frozen))
     torch.testing.assert_close(ours[0], image, rtol=1e-5, atol=1e-5)
@@ -337,8 +337,8 @@ def test_encode_views_train_mode():
     views = adapter.encode_views(model, images, tokens)  # by default the paper's p = 0.2
     torch.manual_seed(5)
     with torch.no_grad():
-        image_aug = model.visual.pool(model.visual.transformer(F.dropout(model.visual.embed(images), 0.2)))
-        text_aug = model.pool_text(model.transformer(F.dropout(model.embed_text(tokens), 0.2)), tokens)
+        image_aug = model.pool_image(model.visual.transformer(F.dropout(model.visual.embed(images), 0.2)))
+        text_aug = model.pool_text(model.transformer(F.dropout(model.embed_text(tokens)[0], 0.2)), tokens)
     torch.testing.assert_close(views[2], image_aug, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(views[3], text_aug, rtol=1e-5, atol=1e-6)
     # With the adapter's own dropout off, the clean half is the clean pass; the augmented half differs.
@@ -431,6 +431,9 @@ def test_apply_rejects_bad_arguments():
         adapter.apply(small_model(), "coop", n_ctx=76)
     with pytest.raises(ValueError, match="already has 'mrs'"):
         adapter.apply(adapter.apply(small_model(), "mrs"), "lora")
+    model = small_model()  # a method without a block of its own is named, never taken for another one
+    with pytest.raises(ValueError, match="'vpt' is not a block-level method"):
+        adapter.adapted_block(model, model.transformer.resblocks[0], "text", "vpt", {})
 
 
 # The authors' released names -> ours (written out here, independently of released.OFFICIAL_MRS_NAMES).
