@@ -194,5 +194,9 @@ def test_compiled_run_trains(world, tmp_path, monkeypatch):
     _, start = initial_trainable(world, "mrs")
     result = run(world, tmp_path / "run", "--epochs", "1", "--batch-size", "32", "--compile", "--amp", "off")
     assert modes == ["default"] and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
-    assert max_change(trainable(tmp_path / "run" / "last.pt"), start) > 1e-4
-    assert 0 <= result["mR"] <= 100
+    compiled = trainable(tmp_path / "run" / "last.pt")
+    assert max_change(compiled, start) > 1e-4
+    # The same run in eager mode trains the same weights (the compiled graph only reorders the arithmetic).
+    eager_result = run(world, tmp_path / "eager", "--epochs", "1", "--batch-size", "32", "--amp", "off")
+    assert max_change(trainable(tmp_path / "eager" / "last.pt"), compiled) < 1e-5
+    assert result["mR"] == pytest.approx(eager_result["mR"], abs=1e-6)
