@@ -4,8 +4,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -192,37 +190,6 @@ def test_similarity_is_exact():
     expected = image_features @ text_features.t()
     assert got.shape == (7, 7)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc's allocator, Linux only")
-def test_freed_memory_is_reused_without_page_faults():
-    """After keep_freed_memory, a large tensor freed and allocated again costs no page faults (before: one per page)."""
-    code = """if True:
-        import resource, torch, runtime
-        def faults():
-            x = torch.ones(2 ** 25); del x  # 128 MB: above glibc's largest mmap threshold
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            x = torch.ones(2 ** 25); del x
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        plain = faults()
-        runtime.keep_freed_memory()
-        faults()
-        print(plain, faults())"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    plain, tuned = map(int, subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                                           check=True).stdout.split())
-    assert tuned * 10 < plain  # plain: one fault per page touched (4 KB, or 2 MB with transparent huge pages)
-
-
-def test_demo_backbone_without_the_bundled_checkpoint(monkeypatch, capsys):
-    """Without assets/mini-clip.pt the demo falls back to a random tiny CLIP, the same one for the same seed (so that
-    evaluate.py finds the backbone a demo run trained its adapter on), and says so."""
-    monkeypatch.setattr(runtime, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
-    cpu = torch.device("cpu")
-    a, b, c = (runtime.load_backbone(None, "demo", seed, cpu) for seed in (2, 2, 3))
-    assert a.config == runtime.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not torch.equal(a.visual.proj, c.visual.proj)
 
 
 def test_missing_dataset_is_said_before_the_backbone_loads(trained, tmp_path, monkeypatch):
