@@ -66,8 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS),
                    help="the backbone's MLP activation [the checkpoint's, else what the file records, else QuickGELU]")
     p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
-    p.add_argument("--split", default="test", choices=["test"])
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None)
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
+                   help="[a GPU: the run's; a CPU: bf16 where it has bf16 units, else off]")
     p.add_argument("--visualize", type=int, default=0, metavar="K", help="write a PNG gallery of the top-K results")
     p.add_argument("--out", help="JSON file for the metrics [next to the checkpoint, or runs/zeroshot-<dataset>.json]")
     p.add_argument("--workers", type=int, default=8)
@@ -113,7 +113,7 @@ def main(argv=None):
         runtime.keep_freed_memory()
     state, saved = read_checkpoint(args, p)
     name, root = data.prepare_dataset(args.dataset, args.data_root)
-    split = data.load_split(name, root, args.split)  # before the backbone: a missing dataset is said before a download
+    split = data.load_split(name, root, "test")  # before the backbone: a missing dataset is said before a download
     model, method = build(args, state, saved, device)
     # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
     amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
@@ -121,11 +121,11 @@ def main(argv=None):
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = metrics.similarity(model, images, tokens, device, amp)
     scores = metrics.retrieval_metrics(sim)
-    print(f"{args.dataset} {args.split} ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
+    print(f"{args.dataset} test ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
     print(metrics.format_metrics(scores))
     print(metrics.tie_bounds(sim, scores) or "no exact ties at any query's truth")
     checkpoint = args.checkpoint or args.official_checkpoint
-    out = args.out or (os.path.join(os.path.dirname(checkpoint), f"{args.split}_eval.json") if checkpoint
+    out = args.out or (os.path.join(os.path.dirname(checkpoint), "test_eval.json") if checkpoint
                        else os.path.join("runs", f"zeroshot-{args.dataset}.json"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="global batch, split across processes")
     p.add_argument("--margin", type=float, default=recipe.MARGIN)
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs that have it, else off]")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs and CPUs with bf16 units, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    help="torch.compile the encoders; MODE reduce-overhead adds CUDA graphs")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
