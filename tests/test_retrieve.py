@@ -91,6 +91,16 @@ def test_search_gives_the_brute_force_top_k(clip, tmp_path, capsys):
     assert Image.open(gallery).size[0] > 4 * 200
 
 
+def test_exact_search_in_slices_is_one_full_product(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.standard_normal((1000, 16)).astype(np.float16))
+    embeddings, query = np.load(tmp_path / "e.npy", mmap_mode="r"), torch.randn(16)
+    expected = (torch.from_numpy(np.array(embeddings)).float() @ query).topk(7)
+    scores, rows = retrieve.top_k(embeddings, query, 7, step=64)  # 16 slices, the best spread over several
+    assert rows == expected.indices.tolist() and scores == pytest.approx(expected.values.tolist(), abs=1e-5)
+    assert sorted(retrieve.top_k(embeddings[:3], query, 7, step=2)[1]) == [0, 1, 2]  # fewer entries than k
+
+
 def test_update_encodes_only_what_changed(clip, tmp_path, capsys, monkeypatch):
     archive = tmp_path / "archive"
     paths = noise_images(archive, [f"img{i}.png" for i in range(8)])
