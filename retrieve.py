@@ -61,13 +61,16 @@ def model_record(args):
                 None if state else "ViT-B/32"), "activation": args.clip_activation}, state
 
 
-def load_model(record, device, state=None):
-    """The model an index records; its checkpoint must be the file that was hashed."""
+def load_model(record, device, amp, state=None):
+    """The model an index records; its checkpoint must be the file that was hashed. Under bf16/fp16 its frozen
+    weights are stored in that precision once (autocast would cast them again at every query: the same rounding)."""
     if record["checkpoint"] and not state:
         state = runtime.read_checkpoint(record["checkpoint"])
         if sha256(record["checkpoint"]) != record["sha256"]:
             raise ValueError(f"{record['checkpoint']} changed since the index was made; index again with --rebuild")
-    return runtime.trained_model(state or {}, device, record["backbone"], record["activation"], record["method"])
+    model = runtime.trained_model(state or {}, device, record["backbone"], record["activation"], record["method"])
+    runtime.keep_frozen_weights_in(model, amp)
+    return model
 
 
 def refuse_another_model(folder, old, record, tile):
@@ -228,7 +231,7 @@ def index(args, device, amp):
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
     if old:
         refuse_another_model(args.index, old, record, tile)  # before loading it: a refusal needs no download
-    model = load_model(record, device, state)
+    model = load_model(record, device, amp, state)
     record["activation"] = model.config.activation
     if old:
         refuse_another_model(args.index, old, record, tile)
@@ -318,7 +321,7 @@ def search(args, device, amp):
     if (args.query is None) == (args.image is None):
         raise ValueError("give a text query or --image PATH (one of them)")
     manifest, embeddings = load_index(args.index)
-    model = load_model(manifest["model"], device)
+    model = load_model(manifest["model"], device, amp)
     query = embed_text(model, args.query, device, amp) if args.query is not None else embed_file(
         model, args.image, device, amp)
     found = results(manifest, embeddings, query, args.top, args.query if args.query is not None else args.image)
@@ -404,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
     """A ThreadingHTTPServer for the index in `folder`, its model and embeddings loaded once."""
     manifest, embeddings = load_index(folder)
-    model, lock = load_model(manifest["model"], device), threading.Lock()
+    model, lock = load_model(manifest["model"], device, amp), threading.Lock()
 
     def query(params, upload):
         k = params.get("k", ["12"])[0]
