@@ -94,6 +94,8 @@ def scan(source, data_root, index_dir):
         for folder, dirs, files in os.walk(os.path.abspath(source)):
             dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != skip)
             paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
+    elif os.sep in source or os.path.exists(source):  # a path, not a dataset's name
+        raise FileNotFoundError(f"no folder {source}")
     else:
         name, root = data.prepare_dataset(source, data_root)
         paths = sorted({os.path.abspath(p) for part in ("trainval", "test")
