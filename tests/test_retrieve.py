@@ -1,0 +1,296 @@
+"""retrieve.py: the index against brute force, incremental and interrupted updates, model records, tiles, the HTTP
+API and its page in a real headless browser. A random micro CLIP and tiny generated images: seconds."""
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import adapter
+import clip_min
+import data
+import retrieve
+from conftest import MICRO, make_world
+
+pytestmark = pytest.mark.usefixtures("exact_cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A random micro CLIP saved as a state_dict, and the same model in memory (the tests' own encoder)."""
+    torch.manual_seed(0)
+    model = clip_min.CLIP(MICRO).eval()
+    path = str(tmp_path_factory.mktemp("clip") / "clip.pt")
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def noise_images(folder, names, seed=0, size=(30, 24)):
+    """Random images: each one's embedding differs from the others' (no ties in a top-k)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)) or ".", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(folder, name))
+    return [os.path.join(os.path.abspath(folder), n) for n in names]
+
+
+def run(capsys, *argv):
+    retrieve.main(list(argv))
+    return json.loads(capsys.readouterr().out)
+
+
+def index(capsys, source, folder, clip_path, *more):
+    return run(capsys, "index", str(source), "--index", str(folder), "--clip", clip_path,
+               "--clip-activation", "quick_gelu", "--workers", "1", "--json", *more)
+
+
+def brute_force(model, paths, query, k):
+    """Top-k paths and scores computed here: CLIP's preprocessing by data.cache_images, encode_image, L2 norm, the
+    index's fp16 rounding, one matrix product over everything, topk."""
+    images = data.normalise(data.cache_images(paths, model.visual.input_resolution, workers=1))
+    with torch.no_grad():
+        embeddings = F.normalize(model.encode_image(images), dim=-1).half().float()
+        if isinstance(query, str):
+            query = F.normalize(model.encode_text(clip_min.tokenize([query])), dim=-1)[0]
+    scores, rows = (embeddings @ query).topk(min(k, len(paths)))
+    return [paths[r] for r in rows.tolist()], scores.tolist()
+
+
+def assert_same(found, expected):
+    paths, scores = expected
+    assert [hit["path"] for hit in found["results"]] == paths
+    assert [hit["score"] for hit in found["results"]] == pytest.approx(scores, abs=2e-4)
+
+
+def test_search_gives_the_brute_force_top_k(clip, tmp_path, capsys):
+    paths = noise_images(tmp_path / "archive", [f"{d}/scene{i}.{e}" for i, (d, e) in enumerate(
+        [("a", "png"), ("a/b", "PNG"), ("c", "jpg"), ("c", "JPEG"), ("a", "tif"), ("c", "TIFF")] * 3)])
+    (tmp_path / "archive" / "notes.txt").write_text("not an image")
+    assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0]) == dict(encoded=18, removed=0,
+                                                                                  unchanged=0, total=18)
+    manifest, embeddings = retrieve.load_index(str(tmp_path / "idx"))
+    assert embeddings.dtype == np.float16 and isinstance(embeddings, np.memmap) and embeddings.shape == (18, 64)
+    for query in ("a red building beside a river", "many planes"):
+        assert_same(run(capsys, "search", str(tmp_path / "idx"), query, "--top", "5", "--json"),
+                    brute_force(clip[1], sorted(paths), query, 5))
+    gallery = tmp_path / "gallery.png"
+    found = run(capsys, "search", str(tmp_path / "idx"), "--image", paths[3], "--top", "4", "--json",
+                "--gallery", str(gallery))
+    assert found["results"][0]["path"] == paths[3] and found["results"][0]["score"] == pytest.approx(1, abs=2e-3)
+    assert Image.open(gallery).size[0] > 4 * 200
+
+
+def test_exact_search_in_slices_is_one_full_product(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.standard_normal((1000, 16)).astype(np.float16))
+    embeddings, query = np.load(tmp_path / "e.npy", mmap_mode="r"), torch.randn(16)
+    expected = (torch.from_numpy(np.array(embeddings)).float() @ query).topk(7)
+    scores, rows = retrieve.top_k(embeddings, query, 7, step=64)  # 16 slices, the best spread over several
+    assert rows == expected.indices.tolist() and scores == pytest.approx(expected.values.tolist(), abs=1e-5)
+    assert sorted(retrieve.top_k(embeddings[:3], query, 7, step=2)[1]) == [0, 1, 2]  # fewer entries than k
+
+
+def test_update_encodes_only_what_changed(clip, tmp_path, capsys, monkeypatch):
+    archive = tmp_path / "archive"
+    paths = noise_images(archive, [f"img{i}.png" for i in range(8)])
+    index(capsys, archive, tmp_path / "idx", clip[0])
+    encoded, real = [], retrieve.embed_images
+    monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.append(len(images)) or real(
+        m, images, *a))
+    os.remove(paths[0])
+    noise_images(archive, ["img3.png"], seed=1)  # changed content under the same name
+    os.utime(paths[3], ns=(os.stat(paths[3]).st_atime_ns, os.stat(paths[3]).st_mtime_ns + 10 ** 9))
+    paths = paths[1:] + noise_images(archive, ["new/img8.png", "new/img9.png"], seed=2)
+    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=3, removed=1, unchanged=6, total=9)
+    assert sum(encoded) == 3
+    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a lake", "--top", "9", "--json"),
+                brute_force(clip[1], paths, "a lake", 9))
+    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=0, removed=0, unchanged=9, total=9)
+    assert sum(encoded) == 3
+
+
+def test_an_interrupted_index_is_the_old_one_and_a_rerun_resumes(clip, tmp_path, capsys, monkeypatch):
+    archive = tmp_path / "archive"
+    old = noise_images(archive, [f"old{i}.png" for i in range(4)])
+    index(capsys, archive, tmp_path / "idx", clip[0])
+    before = sorted(os.listdir(tmp_path / "idx"))
+    new = noise_images(archive, [f"new{i}.png" for i in range(6)], seed=3)
+    monkeypatch.setattr(retrieve, "FILES_PER_CHUNK", 2)
+    encoded, real = [], retrieve.embed_images
+
+    def stopped_after(chunks):
+        def embed(model, images, *a):
+            if len(encoded) == chunks:
+                raise KeyboardInterrupt
+            encoded.append(len(images))
+            return real(model, images, *a)
+        return embed
+
+    monkeypatch.setattr(retrieve, "embed_images", stopped_after(2))  # Ctrl-C while encoding the third chunk
+    with pytest.raises(KeyboardInterrupt):
+        index(capsys, archive, tmp_path / "idx", clip[0])
+    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
+    monkeypatch.setattr(retrieve, "embed_images", stopped_after(99))
+    real_write = retrieve.write_atomically
+
+    def killed_writing_the_manifest(path, write):
+        if path.endswith(os.sep + retrieve.MANIFEST) and retrieve.PENDING not in path:
+            with open(path + ".tmp", "wb") as f:
+                f.write(b'{"format": 1, "entr')  # half a manifest, then the process dies
+            raise KeyboardInterrupt
+        real_write(path, write)
+
+    monkeypatch.setattr(retrieve, "write_atomically", killed_writing_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        index(capsys, archive, tmp_path / "idx", clip[0])
+    assert encoded == [2, 2, 2]  # the third chunk only: the first two were kept from the interrupted run
+    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
+    monkeypatch.setattr(retrieve, "write_atomically", real_write)
+    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=6, removed=0, unchanged=4, total=10)
+    assert encoded == [2, 2, 2]
+    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
+                brute_force(clip[1], sorted(old + new), "a road", 10))
+    assert sorted(os.listdir(tmp_path / "idx")) == ["embeddings-2.npy", "manifest.json"] != before
+
+
+def test_an_index_of_another_model_is_refused(clip, tmp_path, capsys):
+    noise_images(tmp_path / "archive", ["a.png", "b.png"])
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.pt")
+    torch.save(clip_min.CLIP(MICRO).state_dict(), other)
+    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+    with pytest.raises(ValueError, match="--rebuild"):
+        index(capsys, tmp_path / "archive", tmp_path / "idx", other)
+    with pytest.raises(ValueError, match="tiles"):
+        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "16")
+    assert index(capsys, tmp_path / "archive", tmp_path / "idx", other, "--rebuild")["encoded"] == 2
+    assert retrieve.read_manifest(str(tmp_path / "idx"))["model"]["backbone"] == other
+
+
+def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, capsys):
+    paths = noise_images(tmp_path / "archive", [f"{i}.png" for i in range(5)])
+    model = adapter.apply(clip_min.load(clip[0], activation="quick_gelu")[0], "mrs").eval()
+    for p in model.mrs_adapter.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # a trained adapter: its embeddings differ from frozen CLIP's
+    checkpoint = str(tmp_path / "best.pt")
+    torch.save({"trainable": adapter.trainable_state_dict(model), "method": "mrs", "options": model.petl_options,
+                "clip": clip[0], "activation": "quick_gelu", "args": {}}, checkpoint)
+    run(capsys, "index", str(tmp_path / "archive"), "--index", str(tmp_path / "idx"), "--checkpoint", checkpoint,
+        "--json")
+    record = retrieve.read_manifest(str(tmp_path / "idx"))["model"]
+    assert record["method"] == "mrs" and record["backbone"] == clip[0] and len(record["sha256"]) == 64
+    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a port", "--json"),
+                brute_force(model, sorted(paths), "a port", 10))
+    with pytest.raises(ValueError, match="--rebuild"):
+        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])  # frozen CLIP: another model
+    with open(checkpoint, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="changed since"):
+        run(capsys, "search", str(tmp_path / "idx"), "a port", "--json")
+
+
+def test_a_dataset_is_indexed_by_name(clip, tmp_path, capsys):
+    world = make_world(tmp_path)
+    found = index(capsys, world.name, tmp_path / "idx", clip[0], "--data-root", world.root)
+    assert found["total"] == 60 == len(retrieve.read_manifest(str(tmp_path / "idx"))["entries"])
+
+
+def test_tiles_carry_their_offsets(clip, tmp_path, capsys):
+    assert retrieve.tiles(100, 40, 32) == [[x, y, 32, 32] for y in (0, 8) for x in (0, 32, 64, 68)]
+    assert retrieve.tiles(32, 20, 32) == [None]
+    noise_images(tmp_path / "archive", ["scene.png"], size=(96, 64))  # six 32 x 32 tiles, each its own noise
+    assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")["total"] == 1
+    scene = Image.open(tmp_path / "archive" / "scene.png")
+    boxes = [entry[1] for entry in retrieve.read_manifest(str(tmp_path / "idx"))["entries"]]
+    assert sorted(boxes) == sorted([x, y, 32, 32] for x in (0, 32, 64) for y in (0, 32))
+    for x, y in ((64, 0), (0, 32), (32, 32)):
+        scene.crop((x, y, x + 32, y + 32)).save(tmp_path / "query.png")
+        best = run(capsys, "search", str(tmp_path / "idx"), "--image", str(tmp_path / "query.png"), "--json")
+        assert best["results"][0]["tile"] == [x, y, 32, 32]
+        assert best["results"][0]["score"] == pytest.approx(1, abs=2e-3)
+
+
+@pytest.fixture
+def server(clip, tmp_path, capsys):
+    """A served index of 12 images (loopback, a free port), stopped after the test."""
+    paths = noise_images(tmp_path / "archive", [f"photo{i:02d}.png" for i in range(12)])
+    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+    httpd = retrieve.make_server(str(tmp_path / "idx"), "127.0.0.1", 0, torch.device("cpu"), "off", max_upload=4000)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1], sorted(paths)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+
+
+def ask(port, method, path, body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    connection.request(method, path, body=body)
+    answer = connection.getresponse()
+    return answer.status, answer.read(), answer.getheader("Content-Type")
+
+
+def test_the_http_api_answers_and_refuses_what_it_must(server, clip):
+    port, paths = server
+    status, body, kind = ask(port, "GET", "/api/search?q=a+red+roof&k=4")
+    assert status == 200 and kind == "application/json"
+    assert_same(json.loads(body), brute_force(clip[1], paths, "a red roof", 4))
+    status, body, _ = ask(port, "GET", "/api/search?q=" + "very+long+caption+" * 60 + "&k=2")
+    assert status == 200 and len(json.loads(body)["results"]) == 2  # cut to CLIP's context, not refused
+    status, body, _ = ask(port, "GET", "/api/search?id=5&k=1")
+    assert json.loads(body)["results"][0]["path"] == paths[5]
+    status, body, kind = ask(port, "GET", "/image/7")
+    assert status == 200 and kind == "image/jpeg" and Image.open(BytesIO(body)).size == (30, 24)
+    for path in ("/image/../idx/manifest.json", "/image/%2e%2e/manifest.json", "/image/%2e%2e", "/image//etc/passwd",
+                 "/image/12", "/image/-1", "/image/1.png", "/etc/passwd", "/../manifest.json", "/manifest.json"):
+        assert ask(port, "GET", path)[0] == 404, path
+    with open(paths[9], "rb") as f:
+        status, body, _ = ask(port, "POST", "/api/search?k=3", f.read())
+    assert status == 200 and json.loads(body)["results"][0]["path"] == paths[9]
+    status, body, _ = ask(port, "POST", "/api/search", b"this is not an image")
+    assert status == 400 and "not an image" in json.loads(body)["error"]
+    assert ask(port, "POST", "/api/search", bytes(4001))[0] == 413
+    assert ask(port, "GET", "/api/search?q=x&k=lots")[0] == 400
+
+
+def test_the_page_shows_results_in_a_headless_browser(server, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing under CI (.ci/run installs it)")
+        pytest.skip("chromium is not installed")
+    port, paths = server
+    dom = browse(f"http://127.0.0.1:{port}/?q=a+red+roof", tmp_path / "profile")
+    assert dom.count('class="result"') == 12, dom[-2000:]
+    assert "12 results for a red roof" in dom
+    assert all(os.path.basename(p) in dom for p in paths)
+
+
+def browse(url, profile, screenshot=None, size="1100,700"):
+    """The DOM of the page after its scripts ran (or a PNG of it), as headless Chromium renders it."""
+    what = [f"--screenshot={screenshot}", f"--window-size={size}"] if screenshot else ["--dump-dom"]
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=10000", *what, url], capture_output=True, text=True, timeout=90)
+    return done.stdout
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "retrieve.py"), "search", str(tmp_path / "nowhere"),
+                           "a river"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: no index in {tmp_path / 'nowhere'}")
+    for argv in (["search"], ["search", str(tmp_path), "--top", "0"], ["index", ".", "--index", "i", "--tile", "3"]):
+        with pytest.raises(SystemExit) as stop:
+            retrieve.main(argv)
+        assert stop.value.code == 2 and "error: " in capsys.readouterr().err
