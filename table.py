@@ -59,7 +59,7 @@ NAMES = {"zeroshot": "Zero-shot CLIP", "linear": "Linear probe", "full": "Full f
          "lora": "LoRA", "mrs": "MRS-Adapter"}
 MAIN = ["zeroshot", "full", "mrs"]
 # train.py options that change how a run is done or logged, not its result: never a reason to refuse a folder.
-NOT_SETTINGS = ("out", "resume", "data_root", "workers", "log_every", "save_minutes", "compile")
+NOT_SETTINGS = ("out", "resume", "overwrite", "data_root", "workers", "log_every", "save_minutes", "compile")
 PROGRESS_SECONDS = 60
 
 
@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("runs", "table"),
                    help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
     args, forwarded = p.parse_known_args(argv)
-    owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume")]
+    owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume",
+                                                             "--overwrite")]
     if owned:
         p.error(f"{' '.join(owned)}: table.py sets these for each run (see --datasets, --methods, --seeds)")
     every = [m for m in NAMES if m in adapter.METHODS] + [m for m in adapter.METHODS if m not in NAMES]
@@ -191,11 +192,21 @@ def measure(cell, rates):
 
 
 def watch(cell, cells, rates, label, say, stop):
-    """Every PROGRESS_SECONDS while a cell trains: its speed, its ETA and the whole table's."""
+    """Every PROGRESS_SECONDS while a cell trains, if its log moved on: its speed, its ETA and the whole table's."""
+    said = None
     while not stop.wait(PROGRESS_SECONDS):
         done, rate = measure(cell, rates)
-        if rate:
+        if rate and (done, rate) != said:  # nothing new logged (validation, a slow step): no repeated line
             say(f"{label}: {done:,}/{cell.pairs:,} pairs at {rate:.1f} pairs/s; {left(cell, cells, rates)}")
+            said = done, rate
+
+
+def begin(cell):
+    """What a cell's start says: how much of it is done and how much is left."""
+    if cell.state != "resume":
+        return f"starting, {cell.pairs:,} pairs to train"
+    done = min(progress(cell)[0], cell.pairs)
+    return f"resuming: {done:,} of {cell.pairs:,} pairs trained, {cell.pairs - done:,} to go"
 
 
 def run_cells(cells):
@@ -210,8 +221,7 @@ def run_cells(cells):
         if cell.state == "done":
             continue
         label, measured = f"cell {i}/{len(cells)} {cell.dataset} {cell.method}-{cell.loss} s{cell.seed}", bool(rates)
-        say(f"{label}: {'resuming' if cell.state == 'resume' else 'starting'}, {cell.pairs:,} pairs to train; "
-            f"{left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
+        say(f"{label}: {begin(cell)}; {left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
         os.makedirs(cell.out, exist_ok=True)
         with open(os.path.join(cell.out, "cell.json"), "w") as f:
             json.dump(cell.settings, f, indent=1)
@@ -220,7 +230,7 @@ def run_cells(cells):
         watcher.start()
         try:
             with open(os.path.join(cell.out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
-                train.main(cell.argv + (["--resume"] if resume else []))
+                train.main(cell.argv + (["--resume"] if resume else ["--overwrite"]))  # checked by check()
         finally:
             stop.set()
             watcher.join()
@@ -341,10 +351,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: the same command continues (finished runs are kept, the interrupted one "
-                         "resumes from its last save)")
-    except OSError as e:  # a missing file, a failed download: the message names it, a traceback adds nothing
-        raise SystemExit(f"error: {e}")
+    runtime.run_command(main, interrupted="stopped: the same command continues (finished runs are kept, the "
+                                          "interrupted one resumes from its last save)")
