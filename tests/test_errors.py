@@ -152,10 +152,10 @@ def in_process(world, name, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_a_bad_input_ends_in_one_line(world, outcomes, name, capsys, monkeypatch):
+def test_a_bad_input_ends_in_one_line(world, name, capsys, monkeypatch, request):
     _, _, status, line, files = BAD_INPUTS[name]
-    code, stderr, before, after = outcomes[name] if name in SUBPROCESS else in_process(world, name, capsys,
-                                                                                        monkeypatch)
+    code, stderr, before, after = request.getfixturevalue("outcomes")[name] if name in SUBPROCESS else \
+        in_process(world, name, capsys, monkeypatch)
     said = stderr.strip().splitlines()
     assert code == status, stderr[-3000:]
     assert said and re.search(line, said[-1]), said[-3:]
