@@ -12,7 +12,6 @@ trains in it (<out>/.lock). Ctrl-C or SIGTERM: the current step ends, last.pt is
 """
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -152,25 +151,24 @@ def log(*a):
 
 def save_atomically(obj, path):
     """torch.save through a temporary file renamed into place: a run killed, or a disk full, while saving leaves the
-    previous file intact and no temporary one."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # in memory first: torch's own file writer says a full disk as "unexpected pos ..."
+    previous file intact and no temporary one. A failed write is an OSError that says so in one line."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file in its place
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        # torch's writer reports a full disk as a RuntimeError of its zip writer ("unexpected pos ...")
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and "inline_container" in str(e)):
             raise
+        why = e.strerror or str(e) if isinstance(e, OSError) else "the file could not be written in full"
         free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
-        raise runtime.CommandError(f"could not write {path} ({e.strerror or e}; {free:.0f} MiB free there): the "
-                                   f"previous {os.path.basename(path)}, if any, is intact; free some space and run the "
-                                   "same command with --resume") from e
+        raise OSError(f"could not write {path} ({why}; {free:.0f} MiB free there): the previous "
+                      f"{os.path.basename(path)}, if any, is intact; free some space and run the same command with "
+                      "--resume") from e
 
 
 def rng_states():

@@ -181,24 +181,30 @@ def snapshot(folder):
     return {name: digest(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
 
-def test_a_full_disk_leaves_the_previous_files(world, tmp_path, monkeypatch, capsys):
-    """The disk fills while last.pt (or best.pt) is written: one line, the files as they were, no .tmp left."""
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 84800 vs "
+                                                  "84752")], ids=["OSError", "torch's RuntimeError"])
+def test_a_full_disk_leaves_the_previous_files(world, tmp_path, monkeypatch, capsys, failure):
+    """The disk fills while last.pt (or best.pt) is written: half the file is on disk when the writer fails, with
+    an OSError(ENOSPC) or as torch's zip writer says it. One line, the files as they were, no .tmp left."""
     out = tmp_path / "run"
     shutil.copytree(world.run, out)
     before = snapshot(out)
-    real_open = open
+    real_save = torch.save
 
-    class Full(io.FileIO):
-        def write(self, data):
-            super().write(bytes(data[:len(data) // 2]))
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full(obj, path, *a, **k):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[:buffer.tell() // 2])
+        raise failure
 
-    monkeypatch.setattr(train, "open", lambda path, mode="r", *a, **k: Full(path, "wb") if str(path).endswith(
-        ".pt.tmp") else real_open(path, mode, *a, **k), raising=False)
+    monkeypatch.setattr(torch, "save", full)
     status, said = one_line_failure(capsys, lambda: train.main(train_args(world, out, "--epochs", "2", "--resume")))
     assert status == 1 and sum("error: " in s for s in said) == 1, said
-    assert re.match(r"error: could not write .*(last|best)\.pt \(No space left on device; .* MiB free there\): the "
-                    r"previous .* is intact", said[-1])
+    why = "No space left on device" if isinstance(failure, OSError) else "the file could not be written in full"
+    assert re.match(rf"error: could not write .*(last|best)\.pt \({why}; .* MiB free there\): the previous .* is "
+                    r"intact", said[-1]), said[-1]
     after = snapshot(out)
     assert not [name for name in after if name.endswith(".tmp")]
     assert {k: after[k] for k in ("last.pt", "best.pt")} == {k: before[k] for k in ("last.pt", "best.pt")}
