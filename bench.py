@@ -332,4 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_command(main)

@@ -8,10 +8,9 @@ import argparse
 import glob
 import json
 import os
-import textwrap
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import adapter
 import clip_min
@@ -21,41 +20,137 @@ import released
 import runtime
 
 
-def gallery(sim, split, images, k, path, queries=4):
-    """A PNG: for a few captions their top-k images (ground truth framed green), for a few images their top-k captions."""
-    size, pad, per = 96, 4, data.CAPTIONS_PER_IMAGE
-    k = min(k, len(images))  # a small test set may hold fewer than k images
-    width = 360 + k * (size + pad)
-    canvas = Image.new("RGB", (width, 2 * queries * (size + pad)), "white")
+GREEN, GREY, INK = (0, 200, 0), (120, 120, 120), (20, 20, 20)  # the truth's frame and text; other text
+
+
+def font(size):
+    """A scalable font (Pillow's bundled one, >= 10.1), so that words stay readable and apart at any size."""
+    return ImageFont.load_default(size=size)
+
+
+def wrap(text, face, width, lines=None):
+    """text in lines no wider than width pixels (words kept whole; a word wider than a line, and the text past
+    `lines` lines, cut with an ellipsis)."""
+    out = []
+    for word in text.split():
+        line = f"{out[-1]} {word}" if out else word
+        if out and face.getlength(line) <= width:
+            out[-1] = line
+        else:
+            out.append(word)
+    out = [shorten(line, face, width) for line in out] or [""]
+    if lines and len(out) > lines:
+        out = out[:lines - 1] + [shorten(out[lines - 1] + " \u2026", face, width, force=True)]
+    return out
+
+
+def shorten(line, face, width, force=False):
+    """line cut (with an ellipsis) to width pixels; force: the line ends in an ellipsis that must stay visible."""
+    if face.getlength(line) <= width and not force:
+        return line
+    line = line.removesuffix(" \u2026")
+    while line and face.getlength(line + "\u2026") > width:
+        line = line[:-1]
+    return line + "\u2026"
+
+
+def thumbnail(images, i, size):
+    return Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size))
+
+
+def heading(draw, y, width, title, legend):
+    """A block's title and its legend line; returns the y below them."""
+    draw.text((12, y), title, fill=INK, font=font(22))
+    draw.text((12, y + 30), legend, fill=GREY, font=font(15))
+    draw.line([12, y + 54, width - 12, y + 54], fill=(200, 200, 200))
+    return y + 64
+
+
+def caption_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, size=96):
+    """Text to image: per caption, its wrapped text, its top-k images (rank above each, the truth framed green)
+    and, when the truth ranks below k, the truth at the right with its rank. Returns (y below, placed thumbnails)."""
+    text_width, pad, placed = 330, 8, []
+    for caption in picks:
+        order = sim[:, caption].argsort(descending=True).tolist()
+        truth = image_of_caption[caption]
+        lines = wrap(split.captions[caption], font(15), text_width, lines=6)
+        draw.text((12, y + 18), "\n".join(lines), fill=INK, font=font(15), spacing=4)
+        for col, i in enumerate(order[:k]):
+            x = 12 + text_width + pad + col * (size + pad)
+            draw.text((x, y), f"{col + 1}", fill=GREY, font=font(13))
+            canvas.paste(thumbnail(images, i, size), (x, y + 18))
+            if i == truth:
+                draw.rectangle([x, y + 18, x + size - 1, y + 18 + size - 1], outline=GREEN, width=4)
+            placed.append((caption, col, i, (x, y + 18)))
+        rank = order.index(truth) + 1
+        if rank > k:  # the truth, so that a miss shows what should have come first
+            x = 12 + text_width + pad + k * (size + pad) + 3 * pad
+            draw.text((x, y), f"truth: rank {rank}", fill=GREEN, font=font(13))
+            canvas.paste(thumbnail(images, truth, size), (x, y + 18))
+            draw.rectangle([x, y + 18, x + size - 1, y + 18 + size - 1], outline=GREEN, width=4)
+            placed.append((caption, rank - 1, truth, (x, y + 18)))
+        y += max(size + 18, 18 + len(lines) * 19) + 2 * pad
+    return y, placed
+
+
+def image_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, width, size=96):
+    """Image to text: per image, its thumbnail and its top-k captions, one line each, + (green) for the image's own,
+    - for another's; when none of its own is in the top k, its best-ranked own caption with its rank."""
+    face, line, pad, placed = font(14), 18, 8, []
+    x, room = 12 + size + 2 * pad, width - 12 - size - 3 * pad
+    columns = -(-k // 10)  # ten captions a column: the row stays short at k = 20 and uses the gallery's width
+    for i in picks:
+        canvas.paste(thumbnail(images, i, size), (12, y))
+        placed.append((i, 0, i, (12, y)))
+        order = sim[i].argsort(descending=True).tolist()
+        for rank, j in enumerate(order[:k], 1):
+            own, column = image_of_caption[j] == i, (rank - 1) // 10
+            text = shorten(f"{rank:>2}. {'+' if own else '-'} {split.captions[j]}", face, room // columns - pad)
+            draw.text((x + column * room // columns, y + (rank - 1) % 10 * line), text, fill=GREEN if own else INK,
+                      font=face)
+        rows = min(k, 10)
+        first = next(r for r, j in enumerate(order, 1) if image_of_caption[j] == i)
+        if first > k:
+            text = shorten(f"truth: its best caption ranks {first}: {split.captions[order[first - 1]]}", face, room)
+            draw.text((x, y + rows * line), text, fill=GREEN, font=face)
+            rows += 1
+        y += max(size, rows * line) + 3 * pad
+    return y, placed
+
+
+def gallery(sim, split, images, k, path, image_of_caption, queries=4):
+    """A PNG for people: for a few captions their top-k images, for a few images their top-k captions; the truth
+    framed (or written) in green, shown with its rank when it falls outside the top k. image_of_caption[j]: the
+    index of caption j's image. Returns the thumbnails placed: (query, rank - 1, image index, (x, y))."""
+    k, size, pad = min(k, len(images)), 96, 8  # a small test set may hold fewer than k images
+    width = 12 + 330 + pad + (k + 1) * (size + pad) + 3 * pad + 12
+    captions = torch.linspace(0, len(split.captions) - 1, queries).long().tolist()
+    picks = torch.linspace(0, len(split.image_paths) - 1, queries).long().tolist()
+    canvas = Image.new("RGB", (width, 2 * 64 + queries * (290 + 18 * k) + 40), "white")  # cropped below
     draw = ImageDraw.Draw(canvas)
-    picks = torch.linspace(0, len(split.captions) - 1, queries).long().tolist()
-    for row, caption in enumerate(picks):
-        y = row * (size + pad)
-        draw.text((4, y + 4), "\n".join(textwrap.wrap(split.captions[caption], 55)[:6]), fill="black")
-        for col, i in enumerate(sim[:, caption].topk(k).indices.tolist()):
-            x = 360 + col * (size + pad)
-            thumb = Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size))
-            canvas.paste(thumb, (x, y))
-            if i == caption // per:
-                draw.rectangle([x, y, x + size - 1, y + size - 1], outline=(0, 200, 0), width=4)
-    for row, i in enumerate(torch.linspace(0, len(split.image_paths) - 1, queries).long().tolist()):
-        y = (queries + row) * (size + pad)
-        canvas.paste(Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size)), (4, y))
-        lines = [("+ " if j // per == i else "- ") + split.captions[j][:95] for j in sim[i].topk(k).indices.tolist()]
-        draw.text((size + 12, y + 4), "\n".join(lines), fill="black")
-    canvas.save(path)
+    y = heading(draw, 8, width, f"Text to image: each caption's top {k} images, best first",
+                "green frame: the caption's own image (the truth); a truth ranked below "
+                f"{k} is shown at the right with its rank")
+    y, placed = caption_rows(draw, canvas, sim, split, images, k, image_of_caption, captions, y)
+    y = heading(draw, y + 8, width, f"Image to text: each image's top {k} captions, best first",
+                "+ (green): a caption of this image (a truth); -: another image's caption")
+    y, _ = image_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, width)
+    canvas.crop((0, 0, width, y)).save(path)
+    return placed
 
 
 def latest_run(root="runs"):
-    found = glob.glob(os.path.join(root, "*", "best.pt"))
+    """The newest best.pt under root, at any depth (train.py's runs/<run>/, table.py's runs/table/<dataset>/<cell>/)."""
+    found = glob.glob(os.path.join(root, "**", "best.pt"), recursive=True)
     if not found:
-        raise SystemExit(f"no trained run under {root}/ (train one with train.py, or pass --checkpoint, "
-                         "or --method zeroshot to evaluate frozen CLIP)")
+        raise runtime.CommandError(f"no trained run under {root}/ (train one with train.py, or pass --checkpoint, "
+                                   "or --method zeroshot to evaluate frozen CLIP)")
     return max(found, key=os.path.getmtime)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
+    p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)",
+                                description="Evaluate image-text retrieval on a test split (R@1/5/10, mR).")
     p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
     p.add_argument("--official-checkpoint", metavar="PATH", help="a checkpoint saved by the authors' released "
                    "train.py (model_best.pth.tar): its CLIP and MRS-Adapter, read without running its code")
@@ -88,9 +183,11 @@ def read_checkpoint(args, p):
     state = {}
     if args.official_checkpoint:
         if not os.path.isfile(args.official_checkpoint):
-            raise SystemExit(f"checkpoint not found: {args.official_checkpoint}")
+            raise FileNotFoundError(f"checkpoint not found: {args.official_checkpoint}")
     elif args.method != "zeroshot":
-        args.checkpoint = args.checkpoint or latest_run()
+        if not args.checkpoint:
+            args.checkpoint = latest_run()
+            print(f"checkpoint: {args.checkpoint} (the newest best.pt under runs/; --checkpoint chooses another)")
         state = runtime.read_checkpoint(args.checkpoint)
     saved = state.get("args", {})
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
@@ -133,12 +230,10 @@ def main(argv=None):
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"
-        gallery(sim.cpu(), split, images, args.visualize, png)
+        gallery(sim.cpu(), split, images, args.visualize, png,
+                [j // data.CAPTIONS_PER_IMAGE for j in range(len(split.captions))])
         print(f"wrote {png}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except OSError as e:  # a missing dataset or file, a failed download: the message names it, a traceback adds nothing
-        raise SystemExit(f"error: {e}")
+    runtime.run_command(main)

@@ -113,4 +113,4 @@ if __name__ == "__main__":
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-3)
     args = vars(parser.parse_args())
-    (pretrain if args.pop("command") == "pretrain" else table)(**args)
+    runtime.run_command(lambda: (pretrain if args.pop("command") == "pretrain" else table)(**args))

@@ -25,6 +25,9 @@ def released_state_dict(path):
     """The 'model' state_dict of a checkpoint saved by the authors' train.py ({'epoch', 'model', 'options', ...}, the
     options holding CLIP's preprocessing objects): tensors come back, every other object as an inert stand-in."""
     checkpoint = clip_min.formats.read_checkpoint(path)
+    if isinstance(checkpoint, dict) and "trainable" in checkpoint:
+        raise ValueError(f"{path} is a checkpoint written by this project's train.py, not the released code: score it "
+                         f"with evaluate.py --checkpoint {path}")
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
         raise ValueError(f"{path} is not a checkpoint saved by the released PE-RSITR code (no 'model' state_dict)")
     return checkpoint["model"]

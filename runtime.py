@@ -3,6 +3,9 @@ precision (bf16 where the hardware computes it natively), and the CPU allocator 
 import contextlib
 import ctypes
 import os
+import signal
+import sys
+import threading
 
 import torch
 import torch.nn as nn
@@ -36,13 +39,32 @@ def load_backbone(clip, dataset, seed, device, activation=None):
 
 def read_checkpoint(path):
     """A best.pt or last.pt written by train.py: the trained tensors, the method and its options, the run's
-    arguments."""
+    arguments. Another kind of file is refused with the option that reads it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "trainable" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'trainable' entry)")
-    return state
+    try:
+        state = clip_min.formats.torch_load(path)
+    except clip_min.formats.UnreadableFile:
+        if released_checkpoint(path):
+            raise ValueError(f"{path} is a checkpoint of the authors' released code: score it with "
+                             f"evaluate.py --official-checkpoint {path} --dataset <name>") from None
+        raise
+    if isinstance(state, dict) and "trainable" in state:
+        return state
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a model's weights, not a checkpoint written by train.py: pass it as --clip "
+                         "(evaluate.py --method zeroshot --clip ... scores it frozen)")
+    raise ValueError(f"{path} is not a checkpoint written by train.py (no 'trainable' entry): pass a run's best.pt "
+                     "or last.pt")
+
+
+def released_checkpoint(path):
+    """Whether path is a checkpoint the authors' train.py saved (read without running anything from it)."""
+    try:
+        state = clip_min.formats.read_checkpoint(path)
+    except (ValueError, OSError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("model"), dict)
 
 
 def trained_model(state, device, clip=None, activation=None, method=None, dataset=None):
@@ -133,3 +155,57 @@ def keep_freed_memory():
         libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the heap's free top is kept, not trimmed after each step
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows): nothing to tune
         pass
+
+
+class CommandError(SystemExit):
+    """A failure the user can fix (a file, a value, a folder in use): the command ends with `error: <message>` and
+    exit status `status` (2: a usage error, as argparse's). A SystemExit, so that whatever runs main() in-process
+    sees the command end, as with argparse."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked by a signal (Ctrl-C: SIGINT, a scheduler's SIGTERM); the message, if any, says how to go on. A
+    KeyboardInterrupt, as Ctrl-C's own, for whatever runs a command in-process."""
+
+    def __init__(self, message=None, signum=signal.SIGINT):
+        super().__init__(*([message] if message else []))
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum=signum)
+
+
+def _say(line):
+    print(" ".join(str(line).split("\n")), file=sys.stderr, flush=True)  # one line, whatever the message holds
+
+
+def run_command(main, interrupted=None):
+    """Run a command's main(): what a user's file, value or signal ends becomes one line on stderr and an exit
+    status (1, 2 for usage, 128 + the signal's number); a traceback is kept for the project's own bugs, and for
+    every failure with PE_RSITR_TRACEBACK=1. interrupted: the command's own line for a stop by a signal."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like Ctrl-C: a line, not silence
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Interrupted included
+        if os.environ.get("PE_RSITR_TRACEBACK"):
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(file=sys.stderr)  # off the line the terminal's ^C is on
+        _say(interrupted or (e.args[0] if e.args else "interrupted"))
+        sys.exit(128 + signum)
+    except SystemExit as e:  # argparse's exit (its lines already said), or a command's refusal
+        if isinstance(e.code, str) and not os.environ.get("PE_RSITR_TRACEBACK"):
+            _say(f"error: {e.code}")
+            sys.exit(getattr(e, "status", 1))
+        raise
+    except (OSError, ValueError) as e:  # a missing, damaged or unreadable file; a value no reader accepts
+        if os.environ.get("PE_RSITR_TRACEBACK"):
+            raise
+        _say(f"error: {e}")
+        sys.exit(1)

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 import adapter
 import clip_min
 import data
+import evaluate
 import losses
 import recipe
 import runtime
@@ -59,7 +60,7 @@ NAMES = {"zeroshot": "Zero-shot CLIP", "linear": "Linear probe", "full": "Full f
          "lora": "LoRA", "mrs": "MRS-Adapter"}
 MAIN = ["zeroshot", "full", "mrs"]
 # train.py options that change how a run is done or logged, not its result: never a reason to refuse a folder.
-NOT_SETTINGS = ("out", "resume", "data_root", "workers", "log_every", "save_minutes", "compile")
+NOT_SETTINGS = ("out", "resume", "overwrite", "data_root", "workers", "log_every", "save_minutes", "compile")
 PROGRESS_SECONDS = 60
 
 
@@ -78,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("runs", "table"),
                    help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
     args, forwarded = p.parse_known_args(argv)
-    owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume")]
+    owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume",
+                                                             "--overwrite")]
     if owned:
         p.error(f"{' '.join(owned)}: table.py sets these for each run (see --datasets, --methods, --seeds)")
     every = [m for m in NAMES if m in adapter.METHODS] + [m for m in adapter.METHODS if m not in NAMES]
@@ -191,11 +193,21 @@ def measure(cell, rates):
 
 
 def watch(cell, cells, rates, label, say, stop):
-    """Every PROGRESS_SECONDS while a cell trains: its speed, its ETA and the whole table's."""
+    """Every PROGRESS_SECONDS while a cell trains, if its log moved on: its speed, its ETA and the whole table's."""
+    said = None
     while not stop.wait(PROGRESS_SECONDS):
         done, rate = measure(cell, rates)
-        if rate:
+        if rate and (done, rate) != said:  # nothing new logged (validation, a slow step): no repeated line
             say(f"{label}: {done:,}/{cell.pairs:,} pairs at {rate:.1f} pairs/s; {left(cell, cells, rates)}")
+            said = done, rate
+
+
+def begin(cell):
+    """What a cell's start says: how much of it is done and how much is left."""
+    if cell.state != "resume":
+        return f"starting, {cell.pairs:,} pairs to train"
+    done = min(progress(cell)[0], cell.pairs)
+    return f"resuming: {done:,} of {cell.pairs:,} pairs trained, {cell.pairs - done:,} to go"
 
 
 def run_cells(cells):
@@ -210,8 +222,7 @@ def run_cells(cells):
         if cell.state == "done":
             continue
         label, measured = f"cell {i}/{len(cells)} {cell.dataset} {cell.method}-{cell.loss} s{cell.seed}", bool(rates)
-        say(f"{label}: {'resuming' if cell.state == 'resume' else 'starting'}, {cell.pairs:,} pairs to train; "
-            f"{left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
+        say(f"{label}: {begin(cell)}; {left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
         os.makedirs(cell.out, exist_ok=True)
         with open(os.path.join(cell.out, "cell.json"), "w") as f:
             json.dump(cell.settings, f, indent=1)
@@ -220,7 +231,7 @@ def run_cells(cells):
         watcher.start()
         try:
             with open(os.path.join(cell.out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
-                train.main(cell.argv + (["--resume"] if resume else []))
+                train.main(cell.argv + (["--resume"] if resume else ["--overwrite"]))  # checked by check()
         finally:
             stop.set()
             watcher.join()
@@ -265,35 +276,49 @@ def markdown(rows, total_params):
     return "\n".join(lines) + "\n"
 
 
-def figure(rows, path, bar=16, group=84, height=150):
-    """A PNG: mR per method, one panel per dataset; ours (a whisker: ± std over seeds) beside the paper's."""
-    ours, theirs, black = (31, 119, 180), (255, 127, 14), (0, 0, 0)
+def figure(rows, path, height=300):
+    """A PNG: test mR per method, one panel per dataset, the paper's method names; ours (a whisker: ± std over
+    seeds) beside the paper's bar where the paper reports a number."""
+    ours, theirs, ink, grid = (31, 119, 180), (255, 127, 14), (20, 20, 20), (220, 220, 220)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["loss"]) for r in rows))
-    left, top, panel = 32, 26, height + 44
-    image = Image.new("RGB", (left + group * len(keys), top + panel * len(datasets)), "white")
-    draw = ImageDraw.Draw(image)
-    for i, (label, colour) in enumerate((("ours", ours), ("paper", theirs))):
-        draw.rectangle([left + 70 * i, 8, left + 70 * i + 10, 18], fill=colour)
-        draw.text((left + 70 * i + 14, 6), label, fill=black)
+    bar, group, left, top, panel = 36, 150, 70, 96, height + 130
+    width = max(1000, left + group * len(keys) + 20)
+    image = Image.new("RGB", (width, top + panel * len(datasets)), "white")
+    draw, small, label = ImageDraw.Draw(image), evaluate.font(14), evaluate.font(15)
+    draw.text((left, 12), "Test mR (mean of the six recalls, %) per method", fill=ink, font=evaluate.font(24))
+    legend = [("ours", ours)] + [("the paper (Yuan et al. 2023)", theirs)] * any(r["paper"].get("mR") for r in rows)
+    x = left
+    for text, colour in legend:
+        draw.rectangle([x, 56, x + 16, 72], fill=colour)
+        draw.text((x + 22, 55), text, fill=ink, font=label)
+        x += 40 + round(label.getlength(text))
+    if any(r["std"]["mR"] for r in rows):
+        draw.text((x, 55), "whisker: ± std over seeds", fill=ink, font=label)
     for d, dataset in enumerate(datasets):
-        base = top + d * panel + 16 + height  # the panel's mR = 0 line
+        base = top + d * panel + 40 + height  # the panel's mR = 0 line
 
         def y(value):
             return round(base - value * height / 100)
-        draw.text((left, base - height - 16), f"{dataset}: mR", fill=black)
-        for tick in (0, 50, 100):
-            draw.line([left, y(tick), image.width, y(tick)], fill=(215, 215, 215))
-            draw.text((4, y(tick) - 6), str(tick), fill=black)
+        draw.text((left, base - height - 36), dataset.upper(), fill=ink, font=evaluate.font(20))
+        for tick in range(0, 101, 20):
+            draw.line([left, y(tick), width - 20, y(tick)], fill=grid)
+            draw.text((left - 10, y(tick)), str(tick), fill=ink, font=small, anchor="rm")
         for row in (r for r in rows if r["dataset"] == dataset):
-            x = left + 6 + group * keys.index((row["method"], row["loss"]))
-            for k, (value, colour) in enumerate(((row["mean"]["mR"], ours), (row["paper"].get("mR"), theirs))):
-                if value is not None:
-                    draw.rectangle([x + k * bar, y(value), x + (k + 1) * bar - 1, base], fill=colour)
+            x = left + 20 + group * keys.index((row["method"], row["loss"]))
             mean, std = row["mean"]["mR"], row["std"]["mR"]
             if std:
-                draw.line([x + bar // 2, y(mean - std), x + bar // 2, y(mean + std)], fill=black)
-            draw.text((x, base + 4), row["method"] + ("" if row["loss"] == "hmmc" else f":{row['loss']}"), fill=black)
+                draw.line([x + bar // 2, y(mean - std), x + bar // 2, y(mean + std)], fill=ink, width=2)
+            for k, (value, colour) in enumerate(((mean, ours), (row["paper"].get("mR"), theirs))):
+                if value is not None:
+                    draw.rectangle([x + k * bar, y(value), x + (k + 1) * bar - 1, base], fill=colour)
+                    above = value + (std if k == 0 else 0)  # the number above the whisker, not across it
+                    draw.text((x + k * bar + bar // 2, y(above) - 3), f"{value:.1f}", fill=ink, font=small,
+                              anchor="md")
+            name = row.get("name") or NAMES.get(row["method"], row["method"])
+            name += "" if row["loss"] == "hmmc" or row["method"] == "zeroshot" else f" ({row['loss']})"
+            lines = evaluate.wrap(name, label, group - 12, lines=3)
+            draw.text((x - 4, base + 6), "\n".join(lines), fill=ink, font=label, spacing=3)
     image.save(path)
 
 
@@ -341,10 +366,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: the same command continues (finished runs are kept, the interrupted one "
-                         "resumes from its last save)")
-    except OSError as e:  # a missing file, a failed download: the message names it, a traceback adds nothing
-        raise SystemExit(f"error: {e}")
+    runtime.run_command(main, interrupted="stopped: the same command continues (finished runs are kept, the "
+                                          "interrupted one resumes from its last save)")

@@ -6,15 +6,28 @@
 
 Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
 each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never
-chooses anything), test.json, val_images.txt (the validation split: the one the released code draws).
+chooses anything), test.json, val_images.txt (the validation split: the one the released code draws). A folder holding
+a run is never overwritten unless asked (--resume continues it, --overwrite replaces it), and one process at a time
+trains in it (<out>/.lock). Ctrl-C or SIGTERM: the current step ends, last.pt is saved, the resume command is said.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import shlex
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from types import SimpleNamespace
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 import torch
 import torch._dynamo  # noqa: F401  (before any process group: imported later, by DDP, it leaves gloo threads behind)
@@ -31,7 +44,8 @@ import runtime
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, or any <name> found in --data-root")
     p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
@@ -55,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--out", default=None, help="run folder [runs/<dataset>-<method>-<loss>]")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run a folder holds (else refused)")
     p.add_argument("--seed", type=int, default=recipe.SEED)
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     p.add_argument("--save-minutes", type=float, default=10, help="mid-epoch saves of last.pt: at the first progress "
@@ -65,9 +80,17 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
-    if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch) < 1 or args.save_minutes < 0:
-        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs, --log-every "
-                "and --lr-decay-epoch positive, --save-minutes >= 0")
+    if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch, args.workers) < 1 \
+            or args.save_minutes < 0:
+        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs, --log-every, "
+                "--lr-decay-epoch and --workers positive, --save-minutes >= 0")
+    # Checked here, before any data is read or model loaded: else Adam refuses them, or the run trains on nan.
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.margin) and math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        p.error(f"--margin must be a number and --grad-clip a number >= 0, got {args.margin} and {args.grad_clip}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: choose one")
     return args
 
 
@@ -127,9 +150,25 @@ def log(*a):
 
 
 def save_atomically(obj, path):
+    """torch.save through a temporary file renamed into place: a run killed, or a disk full, while saving leaves the
+    previous file intact and no temporary one. A failed write is an OSError that says so in one line."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a run killed while saving never leaves a truncated checkpoint behind
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file in its place
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch's writer reports a full disk as a RuntimeError of its zip writer ("unexpected pos ...")
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and "inline_container" in str(e)):
+            raise
+        why = e.strerror or str(e) if isinstance(e, OSError) else "the file could not be written in full"
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
+        raise OSError(f"could not write {path} ({why}; {free:.0f} MiB free there): the previous "
+                      f"{os.path.basename(path)}, if any, is intact; free some space and run the same command with "
+                      "--resume") from e
 
 
 def rng_states():
@@ -144,14 +183,15 @@ def rng_states():
 
 def set_rng_states(states):
     if (states["cuda"] is None) == torch.cuda.is_available():
-        raise SystemExit(f"last.pt was written on a {'CPU' if states['cuda'] is None else 'GPU'}: resume it on one")
+        raise runtime.CommandError(f"last.pt was written on a {'CPU' if states['cuda'] is None else 'GPU'}: resume it on one")
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None:
         torch.cuda.set_rng_state(states["cuda"])  # this process's device, set before the resume
 
 
-def start(args):
-    """The processes (torchrun's, or just this one), the device, the precision, and a run with its model and data."""
+def start(args, session):
+    """The processes (torchrun's, or just this one), the device, the precision, the run folder held (session.lock),
+    and a run with its model and data."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -163,15 +203,21 @@ def start(args):
     else:
         device = torch.device("cpu")
         runtime.keep_freed_memory()
+    session.rank, session.world = rank, world
     if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
         sys.stdout = open(os.devnull, "w")
     args.amp = args.amp or runtime.default_amp(device, say=log)
+    if args.amp == "fp16" and device.type == "cpu":
+        log("--amp fp16 on a CPU: emulated, usually slower than --amp off (fp16 is for GPUs without bf16)")
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
+        raise runtime.CommandError(f"--batch-size {args.batch_size} must be divisible by the {world} processes", 2)
+    hold_folder(args, session, distributed)
+    if args.dataset == "demo":
+        log(f"demo: the synthetic dataset is in {args.data_root or data.DEMO_ROOT} (generated there on first use)")
 
     splits = read_splits(args, rank)
     torch.manual_seed(args.seed)
+    check_batch_size(args, len(splits["train"].captions))  # before the backbone (maybe a download) and decoding
     backbone = runtime.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
     model = adapter.apply(backbone, args.method).to(device)
     runtime.keep_frozen_weights_in(model, args.amp)
@@ -202,16 +248,20 @@ def resume(run):
     """Restore <out>/last.pt: weights, optimizer, scaler, each process's generators. Returns (epoch, step) to go on
     from. Refuses settings that would change the batches, the model or the objective of the interrupted run."""
     args, path = run.args, os.path.join(run.args.out, "last.pt")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = clip_min.formats.torch_load(path)
+    except clip_min.formats.UnreadableFile as e:
+        raise runtime.CommandError(f"{e}: the run cannot be resumed from it; start again with --overwrite (or "
+                                   "another --out)") from e
+    if not (isinstance(state, dict) and {"rng", "optimizer", "trainable"} <= set(state)):
+        raise runtime.CommandError(f"{path} is not a last.pt written by train.py: it cannot be resumed")
     if len(state["rng"]) != run.world:
-        raise SystemExit(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
+        raise runtime.CommandError(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in
                ("dataset", "method", "loss", "clip", "clip_activation", "batch_size", "seed", "margin",
                 "mask_same_image", "amp") if state["args"].get(k) != getattr(args, k)]
     if changed:
-        raise SystemExit(f"--resume with other settings than {path}: {', '.join(changed)}")
+        raise runtime.CommandError(f"--resume with other settings than {path}: {', '.join(changed)}")
     adapter.load_trainable(run.model, state["trainable"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
@@ -296,14 +346,17 @@ def train_epoch(run, epoch, first_step):
     # The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
     order = torch.randperm(len(tokens_all), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
     local = args.batch_size // run.world
-    started = time.time()
+    started, bad = time.time(), torch.tensor(-1, device=run.device)  # bad: the first step whose loss is not finite
     for step in range(first_step, run.steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.rank * local:(run.rank + 1) * local]
         image_ids = idx // data.CAPTIONS_PER_IMAGE  # captions are grouped by image, in image order
         images = data.normalise(images_all[image_ids.to(images_all.device)].to(run.device, non_blocking=True))
         terms = train_step(run.encoder, run.optimizer, run.scaler, images, tokens_all[idx], image_ids.to(run.device),
                            args)
-        if (step + 1) % args.log_every == 0 or step + 1 == run.steps:
+        bad = torch.where(torch.isfinite(terms["loss"]) | (bad >= 0), bad, step)  # no wait for the GPU
+        logged = (step + 1) % args.log_every == 0 or step + 1 == run.steps
+        if logged:
+            check_finite(bad, epoch, lr)  # before anything is logged or saved: a nan never reaches last.pt
             terms = {k: v.item() for k, v in terms.items()}
             rate = (step + 1 - first_step) * args.batch_size / (time.time() - started)
             eta = ((run.steps - step - 1) + (args.epochs - epoch - 1) * run.steps) * args.batch_size / rate
@@ -316,6 +369,8 @@ def train_epoch(run, epoch, first_step):
                 dist.broadcast_object_list(due, src=0)
             if due[0]:
                 save(run, epoch, step + 1)
+        if (logged or not run.distributed) and step + 1 < run.steps:  # the last step: after validation
+            stop_if_asked(run, epoch, step + 1, lambda: check_finite(bad, epoch, lr))
 
 
 def validate_and_save(run, epoch):
@@ -344,17 +399,168 @@ def final_test(run, untrained_test):
     return scores
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    run = start(args)
+def check_batch_size(args, pairs):
+    if args.method != "zeroshot" and args.batch_size > pairs:  # else no step runs: the untrained model reported trained
+        raise runtime.CommandError(f"--batch-size {args.batch_size} exceeds the {pairs} training pairs of "
+                                   f"{args.dataset}: no step would run; choose at most {pairs}", 2)
+
+
+def check_finite(bad, epoch, lr):
+    """Stops a run whose loss went nan or infinite (bad: its first such step, or -1), before it is saved."""
+    if int(bad) >= 0:
+        raise runtime.CommandError(f"the loss is not finite at epoch {epoch + 1}, step {int(bad) + 1}: training "
+                                   f"stopped there, nothing of it saved; try a smaller --lr (this epoch's: {lr:g}) or "
+                                   "--grad-clip")
+
+
+# ------------------------------------------------------------------ the run folder: never overwritten unasked, one run at a time
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what makes a folder hold a run
+
+
+def check_folder(args):
+    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently overwritten."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if args.resume and "last.pt" not in found:
+        again = "without --resume" + (" and with --overwrite" if found else "")
+        raise runtime.CommandError(f"--resume: no checkpoint at {os.path.join(args.out, 'last.pt')} (the run saved "
+                                   f"nothing to resume): start it {again}", 2)
+    if found and not (args.resume or args.overwrite):
+        ways = "continue it with --resume, " if "last.pt" in found else ""
+        raise runtime.CommandError(f"{args.out} holds a run ({', '.join(found)}): {ways}start another with another "
+                                   "--out, or replace this one with --overwrite", 2)
+    for name in RUN_FILES + ("test.json",) if args.overwrite else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.out, name))
+
+
+def claim_folder(args):
+    """<out>/.lock, held (flock) while this process trains there; returns its open file. The kernel drops the hold of
+    a process that dies, so a lock left by a killed run is taken over, never obeyed forever; the file names the
+    holder (pid, host) for the message of the process refused."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, ".lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().split() or ["?", "?"]
+            f.close()
+            raise runtime.CommandError(f"{args.out} is in use by train.py process {holder[0]} on {holder[-1]} (it "
+                                       f"holds {path}): wait for it to end, or choose another --out") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the holder removed the file as we opened it: try again on the new one
+    f.seek(0)
+    if f.read().split():
+        log(f"{path}: the process that held it is gone; taken over")
+    f.truncate(0)
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    f.flush()
+    try:
+        check_folder(args)
+    except BaseException:
+        release_folder(f)
+        raise
+    return f
+
+
+def release_folder(lock):
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock.name)  # while still held: no other process can have taken it in between
+        lock.close()
+
+
+def hold_folder(args, session, distributed):
+    """Rank 0 holds --out (session.lock); its verdict is every process's, so that none waits for a refused run."""
+    verdict = [None]
+    if session.rank == 0:
+        try:
+            if fcntl:
+                session.lock = claim_folder(args)
+            else:  # no flock (Windows): the folder is checked, not locked
+                os.makedirs(args.out, exist_ok=True)
+                check_folder(args)
+        except (runtime.CommandError, OSError) as e:
+            verdict = [(str(e.code if isinstance(e, SystemExit) else e), getattr(e, "status", 1))]
+    if distributed:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise runtime.CommandError(*verdict[0])
+
+
+# ------------------------------------------------------------------ Ctrl-C and SIGTERM: finish the step, save, say how to go on
+
+@contextlib.contextmanager
+def stop_on_signals(session):
+    """While session.deferred (a run that can be saved), SIGINT or SIGTERM only sets session.signum: training ends its
+    step, saves last.pt and stops. Before that, and at a second signal, the command stops at once."""
+    def handler(signum, frame):
+        if session.deferred and session.signum is None:
+            session.signum = signum
+            if session.rank == 0:  # os.write: a print could be the one this signal interrupted
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, last.pt saved (Ctrl-C "
+                            "again: stop at once)\n".encode())
+            return
+        raise runtime.Interrupted(signum=signum)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, h in previous.items():
+        if h != signal.SIG_IGN:  # an ignored signal stays ignored (nohup, a background job)
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+
+
+def again(args, session):
+    """The command that goes on with the run in --out, as typed: --resume once a last.pt is there."""
+    argv, saved = list(session.argv), os.path.isfile(os.path.join(args.out, "last.pt"))
+    if saved:
+        argv = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
+    elif any(os.path.exists(os.path.join(args.out, name)) for name in RUN_FILES) and not args.overwrite:
+        argv.append("--overwrite")
+    launcher = f"torchrun --nproc_per_node={session.world} train.py" if session.world > 1 else "python train.py"
+    return " ".join([launcher, *map(shlex.quote, argv)])
+
+
+def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
+    """After a step (or the evaluation before training, or validation): if a signal asked to stop (rank 0's decides
+    for all), save last.pt at (epoch, step) and stop with the command that continues."""
+    asked = [run.session.signum]
+    if run.distributed:
+        dist.broadcast_object_list(asked, src=0)
+    if asked[0] is None:
+        return
+    if not saved:
+        if before_saving:
+            before_saving()
+        save(run, epoch, step)
+    where = f"after epoch {epoch + 1}" if step == run.steps else f"at epoch {epoch + 1}, step {step}"
+    raise runtime.Interrupted(f"stopped by {signal.Signals(asked[0]).name} {where}: "
+                              f"{os.path.join(run.args.out, 'last.pt')} saved. Continue with: "
+                              f"{again(run.args, run.session)}", asked[0])
+
+
+def fit(run):
+    """Resume or score the starting point, train and validate epoch by epoch, test once; returns the test scores."""
+    args = run.args
     epoch, step = resume(run) if args.resume else (0, 0)
     open_metrics(run, epoch, step)
     before = {} if args.resume else score_before_training(run)
-    if run.optimizer is not None and run.steps == 0:  # else no step runs and the untrained model is reported trained
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(run.splits['train'][1])} training pairs")
+    if run.optimizer is not None:
+        stop_if_asked(run, epoch, step)
     for epoch in range(epoch, args.epochs if run.optimizer is not None else 0):  # zero-shot: nothing to train
         train_epoch(run, epoch, step)
         validate_and_save(run, epoch)
+        stop_if_asked(run, epoch, run.steps, saved=True)
         step = 0
     result = final_test(run, before.get("test")) if run.rank == 0 else None
     if run.metrics_file:
@@ -364,11 +570,29 @@ def main(argv=None):
     return result
 
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    session = SimpleNamespace(argv=argv, rank=0, world=1, lock=None, deferred=False, signum=None)
+    with stop_on_signals(session):
+        try:
+            run = start(args, session)
+            run.session, session.deferred = session, run.optimizer is not None  # zero-shot: nothing to save
+            result = fit(run)
+        except KeyboardInterrupt as e:  # runtime.Interrupted included
+            if e.args:  # stop_if_asked's: saved, and said
+                raise
+            kept = "last.pt holds the last save" if os.path.isfile(os.path.join(args.out, "last.pt")) else \
+                "nothing saved"
+            raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {again(args, session)}",
+                                      getattr(e, "signum", signal.SIGINT)) from None
+        finally:
+            release_folder(session.lock)
+    if session.rank == 0:
+        written = [n for n in (*RUN_FILES, "test.json") if os.path.isfile(os.path.join(args.out, n))]
+        log(f"run written to {args.out}: {', '.join(written)}")
+    return result
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # last.pt holds the last save: nothing before it is lost
-        print("\ninterrupted: run the same command with --resume to continue from the last save", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:  # a missing dataset or file, a failed download: the message names it, a traceback adds nothing
-        raise SystemExit(f"error: {e}")
+    runtime.run_command(main)

@@ -15,6 +15,52 @@ import zipfile
 import torch
 
 
+class UnreadableFile(pickle.UnpicklingError, ValueError):
+    """A file that is damaged, of another kind, or holds what a safe reader refuses; the message names the file.
+    A ValueError for callers that report bad inputs, an UnpicklingError for those that expect the unpickler's."""
+
+
+def describe(path):
+    """What a file that failed to read looks like, for the message: cut short, text, or of some other kind."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "is empty"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return "is cut short or damaged (a zip archive without its end: an interrupted copy, download or save?)"
+    try:
+        head.decode("utf-8")
+        return "is a text file, not a weights or checkpoint file"
+    except UnicodeDecodeError:
+        return "is in none of the formats read here (torch.save's zip, TorchScript, safetensors), or it is damaged"
+
+
+def _unloadable(path, error):
+    """Why torch.load(weights_only=True) failed on path, as "is ..." or "holds ...", without torch's own advice."""
+    if zipfile.is_zipfile(path) and "weights_only" in str(error):
+        return ("holds objects other than tensors (a pickled model, options or code), refused since loading them "
+                "would run code from the file (a checkpoint of the authors' released code? evaluate.py "
+                "--official-checkpoint reads those)")
+    return describe(path)
+
+
+def torch_load(path):
+    """torch.load(weights_only=True): tensors and plain containers only. A failure is an UnreadableFile that says
+    what the file is, never torch's advice to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, EOFError... for damaged files
+        raise UnreadableFile(f"{path} {_unloadable(path, e)}") from e
+
+
+def _unpickle(unpickler, path):
+    """unpickler.load(), any failure an UnreadableFile naming the file (a refused global, a storage cut short)."""
+    try:
+        return unpickler.load()
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as e:
+        raise UnreadableFile(f"{path}: {e}") from e
+
+
 class ScriptModuleState:
     """Stands in for any TorchScript module class of the archive: it only keeps the attributes it is given."""
     attributes = None
@@ -101,7 +147,7 @@ def read_torchscript(path):
                                      for n in archive.namelist()):
             return None
         with archive.open(f"{prefix}/data.pkl") as f:
-            root = RestrictedUnpickler(f, archive, prefix).load()
+            root = _unpickle(RestrictedUnpickler(f, archive, prefix), path)
     if not isinstance(root, ScriptModuleState):
         raise pickle.UnpicklingError(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
     return _collect_tensors(root, "", {})
@@ -111,9 +157,12 @@ def read_saved(path):
     """A torch.save'd state_dict, also inside an open_clip training checkpoint ({"epoch", "state_dict", ...})."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is neither a TorchScript archive nor a state_dict file torch.load can read "
-                         f"safely: {e}") from e
+    except Exception as e:  # as torch_load, with the formats this reader tried named
+        raise UnreadableFile(f"{path} is neither a TorchScript archive nor a state_dict file torch.load can read "
+                             f"safely: it {_unloadable(path, e)}") from e
+    if isinstance(state_dict, dict) and "trainable" in state_dict:
+        raise ValueError(f"{path} is a checkpoint written by train.py (an adapter's weights, not a CLIP's): score it "
+                         f"with evaluate.py --checkpoint {path}, or continue its run with train.py --resume")
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -157,13 +206,14 @@ def read_checkpoint(path):
     tuples and OrderedDicts come back as saved, every other object or function as an Inert stand-in."""
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a zip file written by torch.save (files of torch < 1.6 are not read)")
+        raise UnreadableFile(f"{path} is not a zip file written by torch.save (files of torch < 1.6 are not read): "
+                             f"it {describe(path)}")
     with zipfile.ZipFile(path) as archive:
         prefix = _pickle_prefix(archive)
         if prefix is None:
-            raise ValueError(f"{path} has no <folder>/data.pkl: not a file written by torch.save")
+            raise UnreadableFile(f"{path} has no <folder>/data.pkl: not a file written by torch.save")
         with archive.open(f"{prefix}/data.pkl") as f:
-            return CheckpointUnpickler(f, archive, prefix).load()
+            return _unpickle(CheckpointUnpickler(f, archive, prefix), path)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -84,61 +84,61 @@ def test_visualize_writes_a_gallery(trained, tmp_path, k, columns):
                    "--out", str(tmp_path / "eval.json")])
     with Image.open(tmp_path / "eval.png") as png:
         png.load()
-        # Layout: a 360-pixel text column, then thumbnails of 96 + 4 pixels; 4 caption rows and 4 image rows.
-        assert png.size == (360 + columns * 100, 8 * 100)
+        # A 330-pixel text column, then k thumbnails of 96 + 8 pixels, and room for a truth ranked below k.
+        assert png.size[0] == 12 + 330 + 8 + (columns + 1) * 104 + 36
         assert len(png.getcolors(1 << 20)) > 100  # thumbnails and text were drawn, not a blank canvas
 
 
-GREEN = (0, 200, 0)  # the ground truth's frame
+GREEN = evaluate.GREEN  # the ground truth's frame
 
 
 def test_gallery_ranks_images_and_frames_the_truth(tmp_path):
     """Each caption row shows its top-k images by descending score; a green frame marks the caption's own image,
-    exactly where it appears and nowhere else. Solid-colour images: any resize keeps their colour."""
+    exactly where it appears, and a truth ranked below k is shown after them with its rank. Solid-colour images: any
+    resize keeps their colour. The image of each caption comes from image_of_caption (here two per image, not 5)."""
     colours = [(200, 30, 30), (30, 30, 200), (220, 220, 40), (120, 40, 160), (40, 180, 200), (240, 140, 20)]
     images = torch.tensor(colours, dtype=torch.uint8)[:, :, None, None].expand(-1, -1, 32, 32).contiguous()
-    split = SimpleNamespace(captions=[f"caption {j}" for j in range(30)], image_paths=[f"{i}.png" for i in range(6)])
+    split = SimpleNamespace(captions=[f"caption {j}" for j in range(12)], image_paths=[f"{i}.png" for i in range(6)])
+    image_of_caption = [j // 2 for j in range(12)]
     # The four caption queries spread over the split, first and last included, and the images to rank first for
-    # each: the truth (caption j's image is j // 5) second, first, fourth (outside the top 3) and third.
-    rankings = {0: [3, 0, 5, 1], 9: [1, 4, 2, 0], 19: [2, 5, 0, 3], 29: [4, 1, 5, 0]}
-    sim = torch.rand(6, 30, generator=torch.Generator().manual_seed(0))
+    # each: the truth second, first, fourth (outside the top 3) and third.
+    rankings = {0: [3, 0, 5, 1], 3: [1, 4, 2, 0], 7: [2, 5, 0, 3], 11: [4, 1, 5, 0]}
+    sim = torch.rand(6, 12, generator=torch.Generator().manual_seed(0))
     for caption, order in rankings.items():
         sim[order, caption] = torch.tensor([4.0, 3.0, 2.0, 1.5])  # above every random score
-    evaluate.gallery(sim, split, images, 3, tmp_path / "gallery.png")
+    placed = evaluate.gallery(sim, split, images, 3, tmp_path / "gallery.png", image_of_caption)
 
     with Image.open(tmp_path / "gallery.png") as png:
         pixels = png.convert("RGB").load()
-    frames = []
-    for row, (caption, order) in enumerate(rankings.items()):
-        for col, i in enumerate(order[:3]):
-            x, y = 360 + col * 100, row * 100  # thumbnails of 96 pixels and a gap of 4, after a text column
-            assert pixels[x + 48, y + 48] == colours[i], (caption, col)
-            framed = i == caption // 5
-            assert (pixels[x + 1, y + 48] == GREEN) == framed, (caption, col)
-            frames += [(x, y)] * framed
-    assert len(frames) == 3
-    width, height = png.size
-    green = [(x, y) for x in range(width) for y in range(height) if pixels[x, y] == GREEN]
-    assert all(any(0 <= x - fx < 96 and 0 <= y - fy < 96 for fx, fy in frames) for x, y in green)
-    for row, i in enumerate([0, 1, 3, 5]):  # the image queries, spread likewise, in the lower half
-        assert pixels[4 + 48, (4 + row) * 100 + 48] == colours[i]
+    expected = [(caption, col, i) for caption, order in rankings.items() for col, i in enumerate(order[:3])]
+    expected.insert(9, (7, 3, 3))  # caption 7's truth, image 3, ranks 4th: shown after the top 3
+    assert [p[:3] for p in placed] == expected
+    for caption, col, i, (x, y) in placed:
+        assert pixels[x + 48, y + 48] == colours[i], (caption, col)
+        assert (pixels[x + 1, y + 48] == GREEN) == (i == image_of_caption[caption]), (caption, col)
+    assert placed[9][3][0] > placed[8][3][0] + 96  # apart from the top 3
 
 
-def test_no_arguments_evaluate_the_latest_runs_best_checkpoint(trained, tmp_path, monkeypatch):
+def test_no_arguments_evaluate_the_latest_runs_best_checkpoint(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     now = time.time()
-    # The newest best.pt is neither first nor last by name; a newer last.pt is not a candidate.
-    for run, name, age in [("b", "best.pt", 50), ("a", "best.pt", 100), ("c", "best.pt", 200), ("c", "last.pt", 0)]:
+    # The newest best.pt is neither first nor last by name, and in table.py's deeper layout; a newer last.pt is not a
+    # candidate.
+    cell = os.path.join("table", "demo", "mrs-hmmc-s2")
+    for run, name, age in [("b", "best.pt", 50), ("a", "best.pt", 100), (cell, "best.pt", 20), ("c", "best.pt", 200),
+                           ("c", "last.pt", 0)]:
         os.makedirs(f"runs/{run}", exist_ok=True)
         shutil.copy(trained.out / name, f"runs/{run}/{name}")
         os.utime(f"runs/{run}/{name}", (now - age, now - age))
     evaluate.main([])
-    assert sorted(glob.glob("runs/*/*.json")) == [os.path.join("runs", "b", "test_eval.json")]
-    with open(os.path.join("runs", "b", "test_eval.json")) as f:
+    chosen = os.path.join("runs", cell, "best.pt")
+    assert capsys.readouterr().out.startswith(f"checkpoint: {chosen} (the newest best.pt under runs/")
+    assert glob.glob("runs/**/*.json", recursive=True) == [os.path.join("runs", cell, "test_eval.json")]
+    with open(os.path.join("runs", cell, "test_eval.json")) as f:
         written = json.load(f)
     with open(trained.out / "test.json") as f:
         expected = json.load(f)
-    assert written["checkpoint"] == os.path.join("runs", "b", "best.pt")
+    assert written["checkpoint"] == chosen
     assert {k: written[k] for k in expected} == expected
 
 

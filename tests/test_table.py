@@ -236,3 +236,30 @@ def test_figure_bars_follow_mr(tmp_path):
     (a, pa), (b, pb), (c, pc) = draw(20, 50), draw(40, 50), draw(60, 50)
     assert b - a == c - b > 0 and pa == pb == pc
     assert draw(20, None)[1] < pa
+
+
+def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left(tmp_path, monkeypatch):
+    """The watcher says nothing new while nothing new was logged (validation, a slow step); a resumed cell's first
+    line says what is done and what is left, not its whole length."""
+    log = tmp_path / "a" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"epoch": 1, "step": 5, "pairs_per_s": 40.0}) + "\n")
+    cell = SimpleNamespace(dataset="ucm", method="mrs", loss="hmmc", out=str(tmp_path / "a"), steps=10, pairs=160,
+                           settings={"batch_size": 8}, state="running")
+    said, ticks = [], []
+
+    class Clock:  # six ticks of the watcher's clock; the log moves on once, at the third
+        def wait(self, seconds):
+            ticks.append(seconds)
+            if len(ticks) == 3:
+                with log.open("a") as f:
+                    f.write(json.dumps({"epoch": 1, "step": 10, "pairs_per_s": 40.0}) + "\n")
+            return len(ticks) > 6
+
+    stop = Clock()
+    say = said.append
+    table.watch(cell, [cell], {}, "cell 1/1", say, stop)
+    assert [line.split(";")[0] for line in said] == ["cell 1/1: 40/160 pairs at 40.0 pairs/s",
+                                                 "cell 1/1: 80/160 pairs at 40.0 pairs/s"]
+    cell.state = "resume"
+    assert table.begin(cell) == "resuming: 80 of 160 pairs trained, 80 to go"

@@ -270,10 +270,20 @@ def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_a_fresh_run_starts_a_fresh_log(world, tmp_path):
-    for _ in range(2):  # the second run, without --resume, replaces the first one's results
-        run(world, tmp_path / "run", "--epochs", "1", "--batch-size", "16")
-    assert [e["epoch"] for e in read_metrics(tmp_path / "run") if e.get("split") == "val"] == [0, 1]
+def test_a_run_is_replaced_only_when_asked(world, tmp_path, capsys):
+    """Started again without --resume, a run folder is refused (nothing touched); --overwrite replaces the run and
+    its log starts afresh. The last line says where the run was written."""
+    out = tmp_path / "run"
+    run(world, out, "--epochs", "1", "--batch-size", "16")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"run written to {out}: last.pt, best.pt, metrics.jsonl, test.json"
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(SystemExit, match="holds a run .*--resume.*--overwrite") as refused:
+        run(world, out, "--epochs", "1", "--batch-size", "16")
+    assert refused.value.status == 2
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    run(world, out, "--epochs", "1", "--batch-size", "16", "--overwrite")
+    assert [e["epoch"] for e in read_metrics(out) if e.get("split") == "val"] == [0, 1]
 
 
 def test_learning_rate_defaults(monkeypatch):
@@ -285,7 +295,8 @@ def test_learning_rate_defaults(monkeypatch):
 
 
 def test_bad_arguments(world, tmp_path, monkeypatch):
-    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"]):
+    for bad in (["--batch-size", "1"], ["--epochs", "0"], ["--log-every", "0"], ["--save-minutes", "-1"],
+                ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"], ["--grad-clip", "-1"], ["--resume", "--overwrite"]):
         with pytest.raises(SystemExit):
             run(world, tmp_path / "bad", *bad)
     with pytest.raises(SystemExit, match="--resume: no checkpoint at .*last.pt"):
@@ -297,7 +308,9 @@ def test_bad_arguments(world, tmp_path, monkeypatch):
     assert os.path.join(world.root, "nope_precomp") in str(e.value)
     assert os.path.join(world.root, "dataset_nope.json") in str(e.value)
     # A batch larger than the training set would run no step at all and pass the untrained model off as trained.
-    with pytest.raises(SystemExit, match="--batch-size 256"):
+    with monkeypatch.context() as m, pytest.raises(SystemExit, match="--batch-size 256"):
+        # Refused before the backbone is loaded and any image decoded.
+        m.setattr(runtime, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded before the batch was checked"))
         run(world, tmp_path / "huge", "--batch-size", "256", "--epochs", "1")
     assert not os.path.exists(tmp_path / "huge" / "best.pt")
     # Each process resumes its own dropout stream, so a run resumes only with the number of processes it had.
@@ -341,7 +354,8 @@ def test_compiled_encoder_matches_eager():
 
 
 def test_ctrl_c_says_how_to_resume(world, tmp_path):
-    """Ctrl-C (SIGINT) during training: exit status 130, a line on how to continue, and last.pt already on disk."""
+    """Ctrl-C (SIGINT) during training, after mid-epoch saves: exit status 130, the command that continues, and last.pt
+    saved at the step the run stopped (tests/test_errors.py: the same before any save, and SIGTERM)."""
     out = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     command = args_for(world, out, "--epochs", "50", "--save-minutes", "0", "--log-every", "1")
@@ -355,8 +369,9 @@ def test_ctrl_c_says_how_to_resume(world, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "run the same command with --resume" in stderr and "Traceback" not in stderr
-    assert torch.load(out / "last.pt", weights_only=True)["step"] >= 1
+    assert "last.pt saved. Continue with: python train.py" in stderr and "Traceback" not in stderr
+    step = int(stderr.split("step ")[-1].split(":")[0])
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
 
 
 def test_two_processes_resume_exactly(world, tmp_path):
