@@ -522,7 +522,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as e:  # bad input: the message names it, a traceback adds nothing
-        raise SystemExit(f"error: {e}")
+    runtime.run_command(main)
