@@ -513,14 +513,14 @@ def describe(split, context_length=77):
     """Lines on one split: counts, the histogram of captions per image, captions the context cuts, exact ties."""
     from clip_min.tokenizer import default_tokenizer
     tokenizer = default_tokenizer()
-    histogram = ", ".join(f"{n} x{count}" for n, count in sorted(split.captions_per_image().items()))
+    histogram = ", ".join(f"{n}: {count}" for n, count in sorted(split.captions_per_image().items()))
     cut = sum(len(tokenizer.encode(c)) + 2 > context_length for c in split.captions)  # + start and end tokens
     images_of = {}
     for caption, image in zip(split.captions, split.image_of_caption):
         images_of.setdefault(caption, set()).add(image)
     shared = {c for c, images in images_of.items() if len(images) > 1}
     lines = [f"{split.part}: {len(split.image_paths)} images, {len(split.captions)} captions",
-             f"  captions per image (captions x images): {histogram}",
+             f"  captions per image (captions: images): {histogram}",
              f"  captions longer than the {context_length}-token context (cut): {cut}",
              f"  identical captions shared by several images (exact ties): {len(shared)} texts, "
              f"{sum(c in shared for c in split.captions)} captions",
