@@ -74,6 +74,8 @@ def test_precomp_layout_and_empty_captions(tmp_path, capsys):
     assert test.captions == [c for caps in caption_groups(TEST) for c in caps]
     for j, caption in enumerate(test.captions):  # caption j belongs to image j // 5
         assert caption.endswith(os.path.basename(test.image_paths[j // 5]))
+    assert test.image_of_caption == [j // 5 for j in range(len(test.captions))]
+    assert train.image_of_caption == [j // 5 for j in range(len(train.captions))]
     assert not any(test.anomalies.values())
 
 
