@@ -154,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py [the latest run's best.pt]")
     p.add_argument("--official-checkpoint", metavar="PATH", help="a checkpoint saved by the authors' released "
                    "train.py (model_best.pth.tar): its CLIP and MRS-Adapter, read without running its code")
-    p.add_argument("--dataset", help="[the checkpoint's]")
+    p.add_argument("--dataset", help="[the checkpoint's]; a .csv/.tsv of image-caption pairs too")
     p.add_argument("--data-root", help="[the checkpoint's, else data; demo: the demo cache]")
     p.add_argument("--clip", help="model name, checkpoint path or Hugging Face folder of the backbone "
                                   "[the checkpoint's]")
@@ -166,6 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--visualize", type=int, default=0, metavar="K", help="write a PNG gallery of the top-K results")
     p.add_argument("--out", help="JSON file for the metrics [next to the checkpoint, or runs/zeroshot-<dataset>.json]")
     p.add_argument("--workers", type=int, default=8)
+    data.add_arguments(p)
     args = p.parse_args(argv)
     if args.visualize < 0:
         p.error(f"--visualize K must be positive (or 0: no gallery), got {args.visualize}")
@@ -210,17 +211,19 @@ def main(argv=None):
         runtime.keep_freed_memory()
     state, saved = read_checkpoint(args, p)
     name, root = data.prepare_dataset(args.dataset, args.data_root)
-    split = data.load_split(name, root, "test")  # before the backbone: a missing dataset is said before a download
+    # Before the backbone: a missing dataset is said before a download. The archive options default to the run's.
+    split = data.load_split(name, root, "test", csv=data.csv_options(args, saved))
     model, method = build(args, state, saved, device)
     # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
     amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
-    images = data.cache_images(split.image_paths, model.visual.input_resolution, workers=args.workers)
+    images = data.load_images(split.image_paths, model.visual.input_resolution, workers=args.workers,
+                              cache=data.decode_cache_choice(args))
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = metrics.similarity(model, images, tokens, device, amp)
-    scores = metrics.retrieval_metrics(sim)
+    scores = metrics.retrieval_metrics(sim, split.image_of_caption)
     print(f"{args.dataset} test ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
     print(metrics.format_metrics(scores))
-    print(metrics.tie_bounds(sim, scores) or "no exact ties at any query's truth")
+    print(metrics.tie_bounds(sim, scores, split.image_of_caption) or "no exact ties at any query's truth")
     checkpoint = args.checkpoint or args.official_checkpoint
     out = args.out or (os.path.join(os.path.dirname(checkpoint), "test_eval.json") if checkpoint
                        else os.path.join("runs", f"zeroshot-{args.dataset}.json"))
@@ -230,8 +233,7 @@ def main(argv=None):
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"
-        gallery(sim.cpu(), split, images, args.visualize, png,
-                [j // data.CAPTIONS_PER_IMAGE for j in range(len(split.captions))])
+        gallery(sim.cpu(), split, images, args.visualize, png, split.image_of_caption)
         print(f"wrote {png}")
 
 

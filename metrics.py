@@ -2,7 +2,7 @@
 the field's code computes them, with exactly tied scores counted exactly.
 
     similarity = metrics.similarity(model, images, tokens, device)      # [images x captions]
-    print(metrics.format_metrics(metrics.retrieval_metrics(similarity)))
+    print(metrics.format_metrics(metrics.retrieval_metrics(similarity, split.image_of_caption)))
 """
 import time
 
@@ -30,11 +30,34 @@ def hit_probability(above, tied, truths, k, ties="expected"):
     return 1 - torch.where(i < slots, ratios, 1.0).prod(dim=1)
 
 
-def retrieval_metrics(similarity, captions_per_image=data.CAPTIONS_PER_IMAGE, ties="expected", chunk=1024):
+def caption_owners(image_of_caption, n_images, n_captions, device=None):
+    """The image index of each caption as a LongTensor, checked: an int k means k captions per image in image order
+    (caption j of image j // k), None an equal number per image in image order; every image needs one caption."""
+    if image_of_caption is None or isinstance(image_of_caption, int):
+        per = image_of_caption if image_of_caption is not None else \
+            n_captions // n_images if n_images and n_captions % n_images == 0 else 0
+        if per < 1 or n_images == 0 or n_captions != n_images * per:
+            raise ValueError(f"similarity has {n_captions} captions for {n_images} images; expected images x "
+                             f"captions per image = {n_images} x {per} = {n_images * per}, or pass image_of_caption")
+        return torch.arange(n_captions, device=device) // per
+    owners = torch.as_tensor(image_of_caption, dtype=torch.long, device=device).flatten()
+    if len(owners) != n_captions:
+        raise ValueError(f"image_of_caption names the image of {len(owners)} captions; similarity has {n_captions}")
+    if n_captions and (owners.min() < 0 or owners.max() >= n_images):
+        raise ValueError(f"image_of_caption holds image indices outside 0..{n_images - 1}")
+    uncaptioned = (torch.bincount(owners, minlength=n_images) == 0).sum().item()
+    if uncaptioned or n_images == 0:
+        raise ValueError(f"{uncaptioned} of {n_images} images have no caption: an image query needs a truth")
+    return owners
+
+
+def retrieval_metrics(similarity, image_of_caption=None, ties="expected", chunk=1024):
     """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix.
 
-    Caption j belongs to image j // captions_per_image. Image -> text: an image's rank is the best rank among its
-    own captions. Text -> image: each caption ranks all images. R@K = 100 * fraction of queries with rank < K.
+    image_of_caption: the image index of each caption (a list or LongTensor; any number of captions per image, in
+    any order), or an int k for k captions per image in image order, or None for an equal number in image order.
+    Image -> text: an image's rank is the best rank among its own captions. Text -> image: each caption ranks all
+    images. R@K = 100 * fraction of queries with rank < K.
     Exactly tied scores (identical captions or images) are ordered by `ties`: "expected" averages R@K over all
     orders of the tied candidates (exact, no sampling; what the released code gives on average over arbitrary
     argsort orders), "pessimistic" puts every tied wrong candidate first (a collapsed model gets rank N - 1) and
@@ -44,10 +67,7 @@ def retrieval_metrics(similarity, captions_per_image=data.CAPTIONS_PER_IMAGE, ti
     similarity = torch.as_tensor(similarity)
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be a 2-D [images x captions] matrix, got shape {tuple(similarity.shape)}")
-    n_images, n_captions = similarity.shape
-    if captions_per_image < 1 or n_images == 0 or n_captions != n_images * captions_per_image:
-        raise ValueError(f"similarity has {n_captions} captions for {n_images} images; expected images x "
-                         f"captions_per_image = {n_images} x {captions_per_image} = {n_images * captions_per_image}")
+    owners = caption_owners(image_of_caption, *similarity.shape, device=similarity.device)
     if torch.isnan(similarity).any():
         raise ValueError("similarity contains NaN")
     if chunk < 1:
@@ -56,18 +76,18 @@ def retrieval_metrics(similarity, captions_per_image=data.CAPTIONS_PER_IMAGE, ti
         raise ValueError(f"ties must be 'expected', 'pessimistic' or 'optimistic', got {ties!r}")
 
     counts = {"i2t": [], "t2i": []}  # per chunk: (above, tied, truths) of each query
-    for start in range(0, n_images, chunk):
+    for start in range(0, similarity.shape[0], chunk):
         rows = similarity[start:start + chunk]
-        images = torch.arange(start, start + len(rows), device=similarity.device)
-        own_captions = images[:, None] * captions_per_image + torch.arange(captions_per_image, device=images.device)
-        own_scores = rows.gather(1, own_captions)
-        best_own = own_scores.max(dim=1, keepdim=True).values
-        truths = (own_scores == best_own).sum(dim=1)
-        counts["i2t"].append(((rows > best_own).sum(dim=1), (rows == best_own).sum(dim=1) - truths, truths))
-    for start in range(0, n_captions, chunk):
+        own = owners[None, :] == torch.arange(start, start + len(rows), device=similarity.device)[:, None]
+        lowest = -torch.inf if rows.is_floating_point() else torch.iinfo(rows.dtype).min
+        best_own = torch.where(own, rows, lowest).amax(dim=1, keepdim=True)  # a mask: any number per image
+        at_best = rows == best_own
+        truths = (at_best & own).sum(dim=1)
+        counts["i2t"].append(((rows > best_own).sum(dim=1), at_best.sum(dim=1) - truths, truths))
+    for start in range(0, similarity.shape[1], chunk):
         columns = similarity[:, start:start + chunk]
         captions = torch.arange(start, start + columns.shape[1], device=similarity.device)
-        truth_score = columns[captions // captions_per_image, captions - start][None, :]
+        truth_score = columns[owners[captions], captions - start][None, :]
         tied = (columns == truth_score).sum(dim=0) - 1  # the truth itself is not a tied wrong candidate
         counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
 
@@ -83,11 +103,12 @@ def retrieval_metrics(similarity, captions_per_image=data.CAPTIONS_PER_IMAGE, ti
     return metrics
 
 
-def tie_bounds(similarity, metrics):
+def tie_bounds(similarity, metrics, image_of_caption=None):
     """A line with the pessimistic and optimistic mR when exact ties touch the truth of some query, else ''."""
     if not metrics["tied_queries"]:
         return ""
-    low, high = (retrieval_metrics(similarity, ties=rule)["mR"] for rule in ("pessimistic", "optimistic"))
+    low, high = (retrieval_metrics(similarity, image_of_caption, ties=rule)["mR"]
+                 for rule in ("pessimistic", "optimistic"))
     return (f"exact ties touch the truth of {metrics['tied_queries']} of {sum(similarity.shape)} queries: mR "
             f"{low:.2f} if every tie went against the truth, {high:.2f} if every one went for it")
 

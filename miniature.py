@@ -51,7 +51,7 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
     root = root or data.DEMO_ROOT
     name = demo.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
     splits = [data.load_split(name, root, part) for part in ("trainval", "test")]
-    images, test_images = (data.cache_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
+    images, test_images = (data.load_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
     tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
     per_epoch = len(images) // batch_size
     if per_epoch == 0:
@@ -86,7 +86,8 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
                   f"{model.logit_scale.exp().item():.1f} {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
     save_openai_format(model.eval(), out)
     saved = clip_min.load(str(out))[0]  # score what was written, as train.py will read it
-    scores = metrics.retrieval_metrics(metrics.similarity(saved, test_images, test_tokens, torch.device("cpu")))
+    scores = metrics.retrieval_metrics(metrics.similarity(saved, test_images, test_tokens, torch.device("cpu")),
+                                       splits[1].image_of_caption)
     print(f"pretrained in {time.time() - started:.0f}s, saved to {out}")
     print(f"natural-domain test split: {metrics.format_metrics(scores)}")
     return model, scores

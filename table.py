@@ -60,7 +60,8 @@ NAMES = {"zeroshot": "Zero-shot CLIP", "linear": "Linear probe", "full": "Full f
          "lora": "LoRA", "mrs": "MRS-Adapter"}
 MAIN = ["zeroshot", "full", "mrs"]
 # train.py options that change how a run is done or logged, not its result: never a reason to refuse a folder.
-NOT_SETTINGS = ("out", "resume", "overwrite", "data_root", "workers", "log_every", "save_minutes", "compile")
+NOT_SETTINGS = ("out", "resume", "overwrite", "data_root", "workers", "log_every", "save_minutes", "compile",
+                "decode_cache", "no_decode_cache")
 PROGRESS_SECONDS = 60
 
 
@@ -69,7 +70,8 @@ def parse_args(argv=None):
                                 allow_abbrev=False, epilog="Other options (--epochs, --batch-size, --clip, --amp, "
                                 "...) are passed to every train.py run.")
     p.add_argument("--datasets", nargs="+", default=["rsicd", "rsitmd", "ucm"],
-                   help="[rsicd rsitmd ucm]: those found are run, the others said and skipped")
+                   help="[rsicd rsitmd ucm]: those found are run, the others said and skipped; a .csv/.tsv of "
+                        "image-caption pairs too")
     p.add_argument("--data-root", help="as train.py's [data; demo: its cache]")
     p.add_argument("--methods", nargs="+", default=["main"], metavar="METHOD[:LOSS]",
                    help=f"[main] main ({', '.join(MAIN)}), all (every method of adapter.py), or methods of "
@@ -78,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="[train.py's: 2e-4, demo 1e-3]; full fine-tuning: a tenth of it")
     p.add_argument("--out", default=os.path.join("runs", "table"),
                    help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
+    data.add_arguments(p, decode=False)  # the decode-cache options go on to train.py with the other options
     args, forwarded = p.parse_known_args(argv)
     owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume",
                                                              "--overwrite")]
@@ -98,14 +101,15 @@ def parse_args(argv=None):
     return args, forwarded
 
 
-def find_datasets(names, root):
-    """(name, root, training pairs) of each dataset data.load_split reads; the others are said and skipped."""
+def find_datasets(names, root, csv=None):
+    """(name, root, training pairs) of each dataset data.load_split reads (an archive with CsvOptions `csv`); the
+    others are said and skipped."""
     found, skipped = [], {}
     for name in names:
         try:
             name, where = data.prepare_dataset(name, root)
-            data.load_split(name, where, "test")
-            found.append((name, where, len(data.load_split(name, where, "train").captions)))
+            data.load_split(name, where, "test", csv=csv)
+            found.append((name, where, len(data.load_split(name, where, "train", csv=csv).captions)))
         except (FileNotFoundError, ValueError) as e:
             skipped[name] = str(e)
             print(f"skipped {name}: {e}")
@@ -118,9 +122,9 @@ def plan(args, forwarded, datasets):
     for name, root, train_pairs in datasets:
         for method, loss in args.rows:
             for seed in args.seeds:
-                out = os.path.join(args.out, name, f"{method}-{loss}-s{seed}")
+                out = os.path.join(args.out, data.dataset_label(name), f"{method}-{loss}-s{seed}")
                 argv = ["--dataset", name, "--data-root", root, "--method", method, "--loss", loss,
-                        "--seed", str(seed), "--out", out, *forwarded]
+                        "--seed", str(seed), "--out", out, *data.archive_argv(args), *forwarded]
                 base_lr = args.lr or train.parse_args(argv).lr
                 argv += ["--lr", str(base_lr * recipe.FULL_FINE_TUNING_LR_SCALE if method == "full" else base_lr)]
                 settings = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in NOT_SETTINGS}
@@ -345,7 +349,7 @@ def write(args, cells, params, total_params, skipped):
 
 def main(argv=None):
     args, forwarded = parse_args(argv)
-    datasets, skipped = find_datasets(args.datasets, args.data_root)
+    datasets, skipped = find_datasets(args.datasets, args.data_root, data.csv_options(args))
     if not datasets:
         raise SystemExit("no dataset found: see the lines above, and the README's Datasets section")
     cells, started = plan(args, forwarded, datasets), time.time()

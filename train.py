@@ -6,9 +6,10 @@
 
 Every run writes to its folder (--out): metrics.jsonl (one JSON object per log line), last.pt (resumable; written at
 each epoch's end and every --save-minutes), best.pt (the epoch with the best validation mR; the test set never
-chooses anything), test.json, val_images.txt (the validation split: the one the released code draws). A folder holding
-a run is never overwritten unless asked (--resume continues it, --overwrite replaces it), and one process at a time
-trains in it (<out>/.lock). Ctrl-C or SIGTERM: the current step ends, last.pt is saved, the resume command is said.
+chooses anything), test.json, val_images.txt (the validation split: the one the released code draws) and
+splits.json (the images of every split). A folder holding a run is never overwritten unless asked (--resume
+continues it, --overwrite replaces it), and one process at a time trains in it (<out>/.lock). Ctrl-C or SIGTERM: the
+current step ends, last.pt is saved, the resume command is said.
 """
 import argparse
 import contextlib
@@ -46,7 +47,8 @@ import runtime
 def parse_args(argv=None):
     p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, or any <name> found in --data-root")
+    p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, any <name> found in --data-root, "
+                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format)")
     p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
     p.add_argument("--method", default="mrs", choices=adapter.METHODS)
@@ -74,12 +76,13 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     p.add_argument("--save-minutes", type=float, default=10, help="mid-epoch saves of last.pt: at the first progress "
                    "line this many minutes after the last save (0: at every progress line)")
+    data.add_arguments(p)
     args = p.parse_args(argv)
     for name, value in (recipe.DEMO if args.dataset == "demo" else dict(lr=recipe.LR, epochs=recipe.EPOCHS)).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.dataset}-{args.method}-{args.loss}")
+        args.out = os.path.join("runs", f"{data.dataset_label(args.dataset)}-{args.method}-{args.loss}")
     if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch, args.workers) < 1 \
             or args.save_minutes < 0:
         p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs, --log-every, "
@@ -94,28 +97,43 @@ def parse_args(argv=None):
     return args
 
 
+class Splits(dict):
+    """{part: data.Split} from read_splits, then {part: (images, tokens)} from decode. Beside the parts ride what
+    start() hands from one to the other unread: the --decode-cache choice, and each part's image_of_caption."""
+    decode_cache = None
+    image_of_caption = None
+
+
 def read_splits(args, rank):
     """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits: names and
     captions, every image file checked. Read before the backbone, so a missing dataset is reported before a download.
-    The validation images are listed in <out>/val_images.txt."""
+    The validation images are listed in <out>/val_images.txt, every split's in <out>/splits.json."""
     if dist.is_initialized() and rank != 0:
         dist.barrier()  # rank 0 generates the demo, if it is needed, before the others read it
     name, root = data.prepare_dataset(args.dataset, args.data_root)
     if dist.is_initialized() and rank == 0:
         dist.barrier()
-    splits = {part: data.load_split(name, root, part, seed=args.seed) for part in ("train", "val", "test")}
+    splits = Splits({part: data.load_split(name, root, part, seed=args.seed, csv=data.csv_options(args))
+                     for part in ("train", "val", "test")})
+    splits.decode_cache = data.decode_cache_choice(args)
     if rank == 0:
         with open(os.path.join(args.out, "val_images.txt"), "w") as f:
             f.writelines(os.path.basename(path) + "\n" for path in splits["val"].image_paths)
+        with open(os.path.join(args.out, "splits.json"), "w") as f:
+            json.dump({part: {"images": s.image_paths, "captions": len(s.captions)} for part, s in splits.items()}, f,
+                      indent=1)
     return splits
 
 
 def decode(splits, resolution, workers):
-    """Each split's images decoded once into memory (uint8) and its captions tokenized: {part: (images, tokens)}."""
-    decoded = {}
+    """Each split's images decoded (once: later runs memory-map data.load_images' cache) and its captions tokenized:
+    {part: (images, tokens)}, each part's image_of_caption a LongTensor beside them."""
+    decoded = Splits()
+    decoded.decode_cache, decoded.image_of_caption = splits.decode_cache, {}
     for part, split in splits.items():
-        decoded[part] = (data.cache_images(split.image_paths, resolution, workers=workers),
+        decoded[part] = (data.load_images(split.image_paths, resolution, workers=workers, cache=splits.decode_cache),
                          clip_min.tokenize(split.captions, truncate=True))
+        decoded.image_of_caption[part] = torch.as_tensor(split.image_of_caption, dtype=torch.long)
         print(split.summary())
     return decoded
 
@@ -299,8 +317,9 @@ def record(run, entry):
 def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
     similarity = metrics.similarity(run.model, *run.splits[split], run.device, run.args.amp)
-    scores = metrics.retrieval_metrics(similarity)
-    bounds = metrics.tie_bounds(similarity, scores) if say_ties else ""
+    image_of_caption = run.splits.image_of_caption[split]
+    scores = metrics.retrieval_metrics(similarity, image_of_caption)
+    bounds = metrics.tie_bounds(similarity, scores, image_of_caption) if say_ties else ""
     if bounds:
         log(bounds)
     return scores
@@ -349,7 +368,7 @@ def train_epoch(run, epoch, first_step):
     started, bad = time.time(), torch.tensor(-1, device=run.device)  # bad: the first step whose loss is not finite
     for step in range(first_step, run.steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.rank * local:(run.rank + 1) * local]
-        image_ids = idx // data.CAPTIONS_PER_IMAGE  # captions are grouped by image, in image order
+        image_ids = run.splits.image_of_caption["train"][idx]  # each caption's own image, however many it has
         images = data.normalise(images_all[image_ids.to(images_all.device)].to(run.device, non_blocking=True))
         terms = train_step(run.encoder, run.optimizer, run.scaler, images, tokens_all[idx], image_ids.to(run.device),
                            args)

@@ -1,6 +1,7 @@
 """Shared test helpers: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle, and its file format; a micro
 world (dataset + CLIP) for the end-to-end tests of train.py and evaluate.py."""
 import copy
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -100,3 +101,15 @@ def exact_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def decode_cache_of_the_session(tmp_path_factory):
+    """Decoded splits go to a folder of this test session, never to ~/.cache (subprocesses inherit the variable)."""
+    before = os.environ.get(data.DECODE_CACHE_ENV)
+    os.environ[data.DECODE_CACHE_ENV] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+    if before is None:
+        os.environ.pop(data.DECODE_CACHE_ENV)
+    else:
+        os.environ[data.DECODE_CACHE_ENV] = before

@@ -74,6 +74,8 @@ def test_precomp_layout_and_empty_captions(tmp_path, capsys):
     assert test.captions == [c for caps in caption_groups(TEST) for c in caps]
     for j, caption in enumerate(test.captions):  # caption j belongs to image j // 5
         assert caption.endswith(os.path.basename(test.image_paths[j // 5]))
+    assert test.image_of_caption == [j // 5 for j in range(len(test.captions))]
+    assert train.image_of_caption == [j // 5 for j in range(len(train.captions))]
     assert not any(test.anomalies.values())
 
 
@@ -93,13 +95,28 @@ def test_karpathy_json_layout(tmp_path, capsys):
     write_images(tmp_path / "images", [e[0] for e in entries])
     train = data.load_split("kp", str(tmp_path), "trainval")  # train + val + restval
     assert [os.path.basename(p) for p in train.image_paths] == ["t1.jpg", "v1.jpg", "t2.jpg", "t3.jpg"]
-    assert train.captions[5:10] == [f"v1.jpg sentence {k}" for k in (0, 1, 2, 3, 0)]  # padded by repeating
-    assert train.captions[10:15] == [f"t2.jpg sentence {k}" for k in range(5)]  # truncated
-    assert train.anomalies == dict(empty_captions=0, images_dropped=0, images_padded=1, images_truncated=1)
+    # Every sentence of each image, none padded or cut (only the paper's precomp files are made five per image).
+    counts = [5, 4, 7, 5]
+    assert train.captions == [f"{f} sentence {k}" for f, n in zip(["t1.jpg", "v1.jpg", "t2.jpg", "t3.jpg"], counts)
+                              for k in range(n)]
+    assert train.image_of_caption == [i for i, n in enumerate(counts) for _ in range(n)]
+    assert train.anomalies == dict(empty_captions=0, images_dropped=0, images_padded=0, images_truncated=0)
     test = data.load_split("kp", str(tmp_path), "test")
     assert [os.path.basename(p) for p in test.image_paths] == ["x1.jpg", "x2.tif"]
-    assert test.captions[5:] == [f"x2.tif sentence {k}" for k in (0, 1, 2, 0, 1)]
-    assert "images_padded 1" in capsys.readouterr().out
+    assert test.captions[5:] == [f"x2.tif sentence {k}" for k in range(3)] and test.image_of_caption == [0] * 5 + [1] * 3
+    assert "repaired" not in capsys.readouterr().out
+
+
+def test_karpathy_empty_sentences_are_dropped_and_counted(tmp_path, capsys):
+    sentences = {"a.jpg": ["one", " ", "two"], "b.jpg": ["", ""], "c.jpg": ["three"]}
+    images = [dict(filename=f, split="test", sentences=[dict(raw=r) for r in raws]) for f, raws in sentences.items()]
+    (tmp_path / "dataset_kp.json").write_text(json.dumps(dict(images=images)))
+    write_images(tmp_path / "images", list(sentences))
+    test = data.load_split("kp", str(tmp_path), "test")
+    assert [os.path.basename(p) for p in test.image_paths] == ["a.jpg", "c.jpg"]
+    assert test.captions == ["one", "two", "three"] and test.image_of_caption == [0, 0, 1]
+    assert test.anomalies["empty_captions"] == 3 and test.anomalies["images_dropped"] == 1
+    assert "images_dropped 1" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- errors say what is wrong and where

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import metrics
+from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
 from metrics import retrieval_metrics
 
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
@@ -34,16 +35,19 @@ def query_hits(own, wrong, ties):
 
 
 def brute_force(similarity, captions_per_image, ties):
-    """The protocol, one query at a time: each image against all captions, each caption against all images."""
+    """The protocol, one query at a time: each image against all captions, each caption against all images.
+    captions_per_image: an int (caption j belongs to image j // it) or the image of each caption."""
     s = similarity.tolist()
     n_images, n_captions = len(s), len(s[0])
+    owner = [j // captions_per_image for j in range(n_captions)] if isinstance(captions_per_image, int) \
+        else list(captions_per_image)
     queries = {"i2t": [], "t2i": []}
     for i in range(n_images):
-        own = range(i * captions_per_image, (i + 1) * captions_per_image)
+        own = [j for j in range(n_captions) if owner[j] == i]
         queries["i2t"].append(query_hits([s[i][j] for j in own], [s[i][j] for j in range(n_captions) if j not in own],
                                          ties))
     for j in range(n_captions):
-        truth = j // captions_per_image
+        truth = owner[j]
         queries["t2i"].append(query_hits([s[truth][j]], [s[i][j] for i in range(n_images) if i != truth], ties))
     scores = {}
     for direction, results in queries.items():
@@ -88,7 +92,7 @@ def test_hand_worked_two_images_ten_captions():
                 "mR": 80.0, "tied_queries": 2}
     for ties, values in (("pessimistic", pessimistic), ("optimistic", optimistic), ("expected", expected)):
         for chunk in (1, 1024):
-            assert_same(retrieval_metrics(similarity, captions_per_image=5, ties=ties, chunk=chunk), values)
+            assert_same(retrieval_metrics(similarity, image_of_caption=5, ties=ties, chunk=chunk), values)
     assert retrieval_metrics(similarity) == retrieval_metrics(similarity, ties="expected")
 
 
@@ -114,10 +118,10 @@ def test_matches_brute_force_on_random_and_tied_scores(n_images, captions_per_im
 def test_chunking_and_non_contiguous_input_give_identical_results():
     torch.manual_seed(0)
     similarity = torch.randn(300, 30).t()  # 30 images x 300 captions, a non-contiguous view
-    full = retrieval_metrics(similarity, captions_per_image=10, chunk=10_000)
+    full = retrieval_metrics(similarity, image_of_caption=10, chunk=10_000)
     assert full == brute_force(similarity, 10, "expected")
     for chunk in (1, 3, 29, 30, 31, 299):
-        assert retrieval_metrics(similarity, captions_per_image=10, chunk=chunk) == full
+        assert retrieval_metrics(similarity, image_of_caption=10, chunk=chunk) == full
 
 
 def test_without_ties_the_three_rules_agree_exactly():
@@ -212,19 +216,19 @@ def test_a_collapsed_model_scores_chance_expected_and_last_or_first_by_the_bound
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="captions"):
-        retrieval_metrics(torch.randn(3, 14), captions_per_image=5)
+        retrieval_metrics(torch.randn(3, 14), image_of_caption=5)
     with pytest.raises(ValueError, match="captions"):
-        retrieval_metrics(torch.randn(3, 3), captions_per_image=5)
+        retrieval_metrics(torch.randn(3, 3), image_of_caption=5)
     with pytest.raises(ValueError, match="2-D"):
-        retrieval_metrics(torch.randn(15), captions_per_image=5)
+        retrieval_metrics(torch.randn(15), image_of_caption=5)
     with pytest.raises(ValueError):
-        retrieval_metrics(torch.randn(3, 15), captions_per_image=0)
+        retrieval_metrics(torch.randn(3, 15), image_of_caption=0)
     with pytest.raises(ValueError, match="NaN"):
-        retrieval_metrics(torch.full((2, 10), float("nan")), captions_per_image=5)
+        retrieval_metrics(torch.full((2, 10), float("nan")), image_of_caption=5)
     with pytest.raises(ValueError, match="chunk"):
-        retrieval_metrics(torch.randn(2, 10), captions_per_image=5, chunk=0)
+        retrieval_metrics(torch.randn(2, 10), image_of_caption=5, chunk=0)
     with pytest.raises(ValueError, match="ties"):
-        retrieval_metrics(torch.randn(2, 10), captions_per_image=5, ties="random")
+        retrieval_metrics(torch.randn(2, 10), image_of_caption=5, ties="random")
 
 
 def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
@@ -237,3 +241,110 @@ def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
     assert f"{scores['tied_queries']} of {sum(tied.shape)} queries" in line
     assert f"mR {low:.2f} if every tie went against the truth, {high:.2f} if every one went for it" in line
     assert low < scores["mR"] < high
+
+
+# ---------------------------------------------------------------- any number of captions per image
+
+
+def todays_retrieval_metrics(similarity, captions_per_image=5, ties="expected", chunk=1024):
+    """The implementation before image_of_caption (caption j of image j // captions_per_image), kept verbatim as the
+    oracle: for five captions per image in order, the numbers must not move by one bit."""
+    n_images, n_captions = similarity.shape
+    counts = {"i2t": [], "t2i": []}
+    for start in range(0, n_images, chunk):
+        rows = similarity[start:start + chunk]
+        images = torch.arange(start, start + len(rows), device=similarity.device)
+        own_captions = images[:, None] * captions_per_image + torch.arange(captions_per_image, device=images.device)
+        own_scores = rows.gather(1, own_captions)
+        best_own = own_scores.max(dim=1, keepdim=True).values
+        truths = (own_scores == best_own).sum(dim=1)
+        counts["i2t"].append(((rows > best_own).sum(dim=1), (rows == best_own).sum(dim=1) - truths, truths))
+    for start in range(0, n_captions, chunk):
+        columns = similarity[:, start:start + chunk]
+        captions = torch.arange(start, start + columns.shape[1], device=similarity.device)
+        truth_score = columns[captions // captions_per_image, captions - start][None, :]
+        tied = (columns == truth_score).sum(dim=0) - 1
+        counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
+    scores, tied_queries = {}, 0
+    for direction, chunks in counts.items():
+        above, tied, truths = (torch.cat(c) for c in zip(*chunks))
+        tied_queries += (tied > 0).sum().item()
+        for k in (1, 5, 10):
+            hits = metrics.hit_probability(above, tied, truths, k, ties).sum().item()
+            scores[f"{direction}_R@{k}"] = 100.0 * hits / len(above)
+    scores["mR"] = sum(scores.values()) / 6
+    scores["tied_queries"] = tied_queries
+    return scores
+
+
+def mixed_owners(n_images, low, high, seed, shuffle=True):
+    """The image of each caption: low..high captions per image (mixed counts), in a shuffled caption order."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(low, high + 1, (n_images,), generator=generator)
+    owners = torch.repeat_interleave(torch.arange(n_images), counts)
+    return owners[torch.randperm(len(owners), generator=generator)] if shuffle else owners
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_five_per_image_equals_todays_implementation_exactly(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_images = 37
+    truth = torch.arange(5 * n_images) // 5 == torch.arange(n_images)[:, None]
+    cases = [torch.randn(n_images, 5 * n_images, generator=generator) + 1.5 * truth,
+             torch.randint(0, 3, (n_images, 5 * n_images), generator=generator).float(), torch.from_numpy(ucm_like(seed))]
+    for similarity in cases:
+        owners = (torch.arange(similarity.shape[1]) // 5).tolist()  # a list, as Split.image_of_caption holds it
+        for ties in RULES:
+            for chunk in (1, 8, 1024):
+                today = todays_retrieval_metrics(similarity, 5, ties, chunk)
+                assert retrieval_metrics(similarity, owners, ties, chunk) == today
+                assert retrieval_metrics(similarity, 5, ties, chunk) == today
+                assert retrieval_metrics(similarity, ties=ties, chunk=chunk) == today
+
+
+@pytest.mark.parametrize("low, high", [(1, 7), (1, 1), (3, 3), (2, 6)])
+def test_mixed_caption_counts_match_clip_benchmark_recall_at_k(low, high):
+    """CLIP_benchmark's recall_at_k (open_clip's retrieval benchmark) on random scores without ties: an image query
+    hits when one of its captions is in the top K, a caption query when its image is."""
+    n_images = 40
+    owners = mixed_owners(n_images, low, high, seed=low * 10 + high)
+    similarity = torch.randn(n_images, len(owners), generator=torch.Generator().manual_seed(high))
+    positive = torch.zeros(len(owners), n_images, dtype=torch.bool)  # [texts x images], as recall_at_k takes it
+    positive[torch.arange(len(owners)), owners] = True
+    ours = retrieval_metrics(similarity, owners, chunk=7)
+    assert ours["tied_queries"] == 0
+    for k in (1, 5, 10):
+        t2i = (recall_at_k(similarity.t(), positive, k) > 0).float().mean().item()
+        i2t = (recall_at_k(similarity, positive.t(), k) > 0).float().mean().item()
+        assert ours[f"t2i_R@{k}"] == pytest.approx(100 * t2i, abs=1e-4)
+        assert ours[f"i2t_R@{k}"] == pytest.approx(100 * i2t, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_caption_counts_with_ties_match_brute_force(seed):
+    """The tie rules' closed forms hold for any number of captions per image (and captions in any order)."""
+    owners = mixed_owners(15, 1, 7, seed)
+    generator = torch.Generator().manual_seed(seed)
+    for similarity in (torch.randint(0, 3, (15, len(owners)), generator=generator).float(),
+                       torch.randn(15, len(owners), generator=generator)):
+        for ties in RULES:
+            expected = brute_force(similarity, owners.tolist(), ties)
+            for chunk in (1, 4, 100):
+                assert_same(retrieval_metrics(similarity, owners, ties, chunk=chunk), expected)
+
+
+def test_caption_order_does_not_matter():
+    owners = mixed_owners(20, 1, 6, seed=3, shuffle=False)
+    similarity = torch.randint(0, 4, (20, len(owners)), generator=torch.Generator().manual_seed(3)).float()
+    permutation = torch.randperm(len(owners), generator=torch.Generator().manual_seed(4))
+    # Equal up to the order of the float sums over queries.
+    assert_same(retrieval_metrics(similarity[:, permutation], owners[permutation]), retrieval_metrics(similarity, owners))
+
+
+def test_bad_image_of_caption_raises():
+    with pytest.raises(ValueError, match="names the image of 4 captions"):
+        retrieval_metrics(torch.randn(2, 5), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="outside 0..1"):
+        retrieval_metrics(torch.randn(2, 3), [0, 1, 2])
+    with pytest.raises(ValueError, match="1 of 3 images have no caption"):
+        retrieval_metrics(torch.randn(3, 3), [0, 0, 2])

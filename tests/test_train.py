@@ -70,8 +70,11 @@ def max_change(a, b):
 def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     out = tmp_path / "run"
     result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "2")
-    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json", "val_images.txt"]
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "splits.json", "test.json",
+                                       "val_images.txt"]
     val_split = data.load_split(world.name, world.root, "val")
+    with open(out / "splits.json") as f:
+        assert json.load(f)["val"] == {"images": val_split.image_paths, "captions": len(val_split.captions)}
     assert (out / "val_images.txt").read_text().split() == [os.path.basename(p) for p in val_split.image_paths]
     folder = os.path.join(world.root, f"{world.name}_precomp")  # the released code's draw on the same files
     with open(os.path.join(folder, "train_caps.txt")) as caps, open(os.path.join(folder, "train_filename.txt")) as names:
@@ -209,7 +212,7 @@ def test_every_method_trains(world, tmp_path, method):
         assert json.load(f) == result
     entries = read_metrics(out)
     if method == "zeroshot":  # nothing to train: the frozen model's test numbers, no checkpoints
-        assert sorted(os.listdir(out)) == ["metrics.jsonl", "test.json", "val_images.txt"]
+        assert sorted(os.listdir(out)) == ["metrics.jsonl", "splits.json", "test.json", "val_images.txt"]
         assert {k: v for k, v in entries[1].items() if k not in ("split", "epoch")} == result
         return
     _, start = initial_trainable(world, method)
@@ -256,7 +259,8 @@ def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
     proc = torchrun(tmp_path, driver, *args_for(world, ddp, *extra), PE_RSITR_CACHE=str(tmp_path / "demo-cache"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("before training: val") == 1  # only rank 0 logs
-    assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "test.json", "val_images.txt"]
+    assert sorted(os.listdir(ddp)) == ["best.pt", "last.pt", "metrics.jsonl", "splits.json", "test.json",
+                                 "val_images.txt"]
     assert [e["epoch"] for e in read_metrics(ddp) if e.get("split") == "val"] == [0, 1]  # only rank 0 records
     rng = torch.load(ddp / "last.pt", weights_only=True)["rng"]  # each process's own dropout stream, to resume it
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
