@@ -18,8 +18,7 @@ import evaluate
 import released
 import table
 import train
-from conftest import MICRO
-from test_data import write_precomp
+from helpers import MICRO, write_precomp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

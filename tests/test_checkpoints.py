@@ -25,7 +25,7 @@ import metrics
 import released
 import runtime
 from clip_min import formats
-from conftest import MICRO, SMALL, reference_clip, save_openai_archive
+from helpers import MICRO, SMALL, reference_clip, save_openai_archive
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -356,7 +356,7 @@ def test_official_checkpoint_reproduces_the_released_forward(tmp_path, monkeypat
 
 
 def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, capsys):
-    from conftest import make_world
+    from helpers import make_world
     world = make_world(tmp_path / "world")  # 64-pixel images, as SMALL's resolution
     path = tmp_path / "model_best.pth.tar"
     monkeypatch.setattr(clip_min.download, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
@@ -381,7 +381,7 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
 
 def test_a_run_records_its_backbones_activation(tmp_path, monkeypatch):
     import train
-    from conftest import make_world
+    from helpers import make_world
     world = make_world(tmp_path / "world")
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -2,7 +2,6 @@
 on tiny datasets written under tmp_path."""
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -10,42 +9,10 @@ import torch
 from PIL import Image
 
 import data
-from conftest import openai_clip
+from helpers import (caption_groups, image_array, openai_clip, released_generate_random_samples, write_images,
+                     write_precomp)
 
 # ---------------------------------------------------------------- helpers: write small datasets in both layouts
-
-
-def image_array(seed, h=20, w=28):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def write_images(folder, names):
-    """One image per name, its format taken from the name: .tif (16-bit and 8-bit single channel), .jpg, .png."""
-    os.makedirs(folder, exist_ok=True)
-    for k, name in enumerate(names):
-        if name.endswith("16.tif"):
-            Image.fromarray((np.arange(20 * 28).reshape(20, 28) * 97 + k).astype(np.uint16)).save(f"{folder}/{name}")
-        elif name.endswith(".tif"):
-            Image.fromarray(image_array(k)[..., 0]).save(f"{folder}/{name}")
-        else:
-            Image.fromarray(image_array(k)).save(f"{folder}/{name}")
-
-
-def caption_groups(names):
-    return [[f"caption {c} of {n}" for c in range(5)] for n in names]
-
-
-def write_precomp(root, name, train, test, train_caps=None, image_dir=None):
-    """The GaLR layout: train_filename one line per image, test_filename one line per caption."""
-    folder = root / f"{name}_precomp"
-    folder.mkdir(parents=True)
-    train_caps = train_caps or caption_groups(train)
-    (folder / "train_caps.txt").write_text("".join(c + "\n" for caps in train_caps for c in caps))
-    (folder / "train_filename.txt").write_text("".join(n + "\n" for n in train))
-    (folder / "test_caps.txt").write_text("".join(c + "\n" for caps in caption_groups(test) for c in caps))
-    (folder / "test_filename.txt").write_text("".join(n + "\n" for n in test for _ in range(5)))
-    write_images(image_dir or root / f"{name}_images", train + test)
-    return folder
 
 
 TRAIN = ["a16.tif", "b.tif", "c.jpg", "d.png"]
@@ -221,16 +188,6 @@ def test_cached_tensors_match_openai_preprocessing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- train / val split
-
-
-def released_generate_random_samples(caps_lines, name_lines, seed):
-    """The authors' train.py, as published: random.seed(seed) at start-up, then its generate_random_samples: the
-    file's (five captions, filename) groups in file order, one random.shuffle, the first int(0.8 n) train."""
-    random.seed(seed)
-    infos = [[caps_lines[5 * i:5 * i + 5], name_lines[i]] for i in range(len(name_lines))]
-    random.shuffle(infos)
-    cut = int(len(infos) * 0.8)
-    return [info[1] for info in infos[:cut]], [info[1] for info in infos[cut:]]
 
 
 @pytest.mark.parametrize("n_images, seed", [(53, 2), (4291, 2), (40, 7)])

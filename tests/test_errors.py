@@ -24,7 +24,7 @@ import torch
 
 import runtime
 import train
-from conftest import make_world
+from helpers import make_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("exact_cpu")

@@ -18,7 +18,7 @@ import evaluate
 import metrics
 import runtime
 import train
-from conftest import MICRO, make_world
+from helpers import MICRO, make_world
 
 # OpenAI's published preprocessing constants.
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

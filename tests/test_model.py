@@ -4,7 +4,7 @@ import torch
 
 import clip_min
 from clip_min.model import CLIP, config_from_state_dict
-from conftest import SMALL, VIT_B_32, openai_clip, openai_model, reference_clip, save_openai_archive
+from helpers import SMALL, VIT_B_32, openai_clip, openai_model, reference_clip, save_openai_archive
 
 CAPTIONS = ["many green trees are around a white storage tank.", "a river", "",
             "two baseball fields are next to a parking lot with 14 cars", "an airport with 3 planes!"]

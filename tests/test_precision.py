@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import clip_min
 import metrics
 import runtime
-from conftest import VIT_B_32, reference_clip
+from helpers import VIT_B_32, reference_clip
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "off")])

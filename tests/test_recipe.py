@@ -15,8 +15,8 @@ import demo
 import losses
 import runtime
 import train
-from conftest import MICRO
-from test_train import REPO, initial_trainable, max_change, read_metrics, run, trainable, world  # noqa: F401
+from helpers import MICRO
+from helpers import REPO, initial_trainable, max_change, read_metrics, run, trainable
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 

@@ -19,7 +19,7 @@ import adapter
 import clip_min
 import data
 import retrieve
-from conftest import MICRO, make_world
+from helpers import MICRO, make_world
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import torch
 import adapter
 import clip_min
 import runtime
-from conftest import MICRO
+from helpers import MICRO
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc's allocator, Linux only")

@@ -14,7 +14,7 @@ import adapter
 import clip_min
 import table
 import train
-from conftest import MICRO, interrupted, make_world
+from helpers import MICRO, interrupted, make_world
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 # 40 images -> 32 train images -> 160 pairs -> 20 steps of 8; a last.pt every 5 steps, so a kill loses little.

@@ -17,27 +17,11 @@ import metrics
 import losses
 import runtime
 import train
-from conftest import MICRO, interrupted, make_world
-from test_data import released_generate_random_samples
+from helpers import (MICRO, REPO, args_for, initial_trainable, interrupted, max_change, read_metrics,
+                     released_generate_random_samples, run, trainable)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 20  # 40 images -> 32 train images (80/20 split) -> 160 pairs -> 20 batches of 8
 pytestmark = pytest.mark.usefixtures("exact_cpu")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-def args_for(world, out, *extra):
-    # fp32 unless a test asks otherwise: torchrun's processes do not see exact_cpu's pinned default
-    return ["--dataset", world.name, "--data-root", world.root, "--clip", world.clip, "--workers", "1",
-            "--batch-size", "8", "--amp", "off", "--out", str(out), *extra]
-
-
-def run(world, out, *extra):
-    return train.main(args_for(world, out, *extra))
 
 
 def torchrun(cwd, script, *args, **env):
@@ -47,29 +31,22 @@ def torchrun(cwd, script, *args, **env):
                            str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+@pytest.fixture(scope="module")
+def short_run(world, tmp_path_factory):
+    """A two-epoch run on the world (lr decayed from the 2nd epoch), its result and its metrics.jsonl entries."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:  # as exact_cpu does for each test
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+        result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "2")
+    torch.set_num_threads(threads)
+    return out, result, read_metrics(out)
 
 
-def trainable(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["trainable"]
-
-
-def initial_trainable(world, method, seed=2):
-    """The trainable tensors train.py starts from (same seed, same construction order)."""
-    torch.manual_seed(seed)
-    model = adapter.apply(runtime.load_backbone(world.clip, world.name, seed, torch.device("cpu")), method)
-    return model, {k: v.clone() for k, v in adapter.trainable_state_dict(model).items()}
-
-
-def max_change(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
-    out = tmp_path / "run"
-    result = run(world, out, "--epochs", "2", "--log-every", "5", "--lr-decay-epoch", "2")
+def test_a_run_folder_holds_the_released_validation_split(world, short_run):
+    out, _, _ = short_run
     assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl", "splits.json", "test.json",
                                        "val_images.txt"]
     val_split = data.load_split(world.name, world.root, "val")
@@ -80,8 +57,10 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     with open(os.path.join(folder, "train_caps.txt")) as caps, open(os.path.join(folder, "train_filename.txt")) as names:
         _, released_val = released_generate_random_samples(caps.readlines(), names.read().split(), seed=2)
     assert (out / "val_images.txt").read_text().split() == sorted(released_val)
-    entries = read_metrics(out)
 
+
+def test_metrics_log_steps_validation_and_one_final_test(short_run):
+    out, result, entries = short_run
     # The starting point on both evaluation splits, then step lines, then one val line per epoch.
     assert {(e["epoch"], e["split"]) for e in entries if e.get("epoch") == 0} == {(0, "val"), (0, "test")}
     steps = [e for e in entries if "step" in e]
@@ -105,6 +84,9 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
         written = json.load(f)
     assert written == result == {k: v for k, v in tests[1].items() if k not in ("split", "epoch")}
 
+
+def test_checkpoints_hold_the_trainable_tensors_and_best_is_the_best_validation(world, short_run):
+    out, _, entries = short_run
     # Checkpoints hold the trainable tensors only: small, with exactly the method's names and shapes.
     model, start = initial_trainable(world, "mrs")
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
@@ -118,12 +100,13 @@ def test_short_run_writes_metrics_checkpoints_and_test(world, tmp_path):
     assert os.path.getsize(out / "last.pt") < 3.5 * n_bytes + 64_000  # + Adam's two moments
     assert os.path.getsize(out / "best.pt") < os.path.getsize(world.clip) / 20
     assert last["epoch"] == 1 and max_change(last["trainable"], start) > 1e-4
-
     # best.pt is the first epoch with the highest validation mR, and its weights score exactly that on val.
+    val = [e for e in entries if e.get("split") == "val" and e["epoch"] > 0]
     best_mr = max(e["mR"] for e in val)
     assert best["epoch"] + 1 == next(e["epoch"] for e in val if e["mR"] == best_mr)
     assert best["best_mR"] == last["best_mR"] == best_mr
     adapter.load_trainable(model, best["trainable"])
+    val_split = data.load_split(world.name, world.root, "val")
     images = data.cache_images(val_split.image_paths, MICRO.image_resolution, workers=1)
     tokens = clip_min.tokenize(val_split.captions, truncate=True)
     sim = metrics.similarity(model.eval(), images, tokens, torch.device("cpu"))

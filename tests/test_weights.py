@@ -15,7 +15,7 @@ from PIL import Image
 
 import clip_min
 from clip_min import weights
-from conftest import SMALL, reference_clip, save_openai_archive
+from helpers import SMALL, reference_clip, save_openai_archive
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning", "ignore:'torch.load' received a zip file")
 
