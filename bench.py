@@ -2,6 +2,7 @@
 
     python bench.py                                         # CPU: ViT-B/32, batch 16, MRS-Adapter, both paths
     python bench.py --device cuda --batch-sizes 16 128 --compile --json
+    python bench.py --profile                               # where our step goes, by op category
 
 Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the training loop runs. The baseline is
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
