@@ -2,6 +2,7 @@
 
     python bench.py                                         # CPU: ViT-B/32, batch 16, MRS-Adapter, both paths
     python bench.py --device cuda --batch-sizes 16 128 --compile --json
+    python bench.py --profile                               # where our step goes, by op category
 
 Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the training loop runs. The baseline is
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives
@@ -130,7 +131,7 @@ def prepare(path, opts, batch):
     else:
         runtime.keep_frozen_weights_in(model, opts.amp)  # as train.py does
         encoder = adapter.ViewsEncoder(model)
-        encoder = torch.compile(encoder, mode=opts.compile) if opts.compile else encoder
+        encoder = torch.compile(encoder, mode=opts.compile, backend=opts.compile_backend) if opts.compile else encoder
         args = argparse.Namespace(amp=opts.amp, loss="hmmc", mask_same_image=False, margin=recipe.MARGIN,
                                   grad_clip=0.0)
         scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
@@ -240,6 +241,38 @@ def input_pipeline(device, batch, n_files=48):
             "batch_images_per_s": batch / timed(lambda: data.normalise(cache[index]), 2, 10, device)}
 
 
+# Op categories of --profile, by aten name prefix; the first match wins, the rest is "other".
+CATEGORIES = (("matrix products", ("mm", "addmm", "bmm", "baddbmm", "mkldnn_convolution", "_scaled_dot_product")),
+              ("attention mask checks", ("isneginf", "all", "where", "tril", "triu", "_safe_softmax")),
+              ("softmax", ("_softmax",)), ("LayerNorm", ("native_layer_norm",)),
+              ("activation", ("sigmoid", "silu_backward", "threshold_backward", "clamp_min", "relu")),
+              ("dropout masks", ("bernoulli", "div_")), ("copies, casts, concatenations", ("copy_", "cat", "clone")),
+              ("element-wise products and sums", ("mul", "add", "sum", "sub")), ("optimizer", ("_foreach", "sqrt")))
+
+
+def profile(opts, batch, say):
+    """Shares of our step's and encoding's time (self time of aten ops, 3 calls each) by op category."""
+    from torch.profiler import ProfilerActivity
+    model, parts = prepare("ours", opts, batch)
+    report = {}
+    for part, (fn, *_) in parts.items():
+        model.train(part == "train")
+        with torch.inference_mode(part == "encode"):
+            fn(), fn()  # warm-up
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    fn()
+        shares, total = {}, 0.0
+        for event in prof.key_averages():
+            name = event.key.removeprefix("aten::")
+            category = next((c for c, prefixes in CATEGORIES if name.startswith(prefixes)), "other")
+            shares[category] = shares.get(category, 0.0) + event.self_cpu_time_total
+            total += event.self_cpu_time_total
+        report[part] = {c: t / total for c, t in sorted(shares.items(), key=lambda kv: -kv[1])}
+        say(f"{part}, batch {batch}: " + ", ".join(f"{c} {share:.1%}" for c, share in report[part].items()))
+    return report
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="the baseline exists for mrs only")
@@ -248,6 +281,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 on CUDA and on CPUs with bf16 units, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    help="torch.compile our encoder, as train.py --compile does; MODE reduce-overhead adds CUDA graphs")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend; eager checks the traced "
+                   "graph without generating code (dry runs)")
     p.add_argument("--warmup", type=int, help="untimed steps before the timed ones [CPU 1, CUDA 5]")
     p.add_argument("--iters", type=int, help="timed steps per round [CPU 1, CUDA 20]")
     p.add_argument("--rounds", type=int, default=3, help="the paths take turns, each timed once per round; the "
@@ -255,6 +290,8 @@ def parse_args(argv=None):
     p.add_argument("--test-images", type=int, help="test images encoded, 5 captions each [CPU 4, CUDA 512]")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU [by GPU name]")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--profile", action="store_true", help="instead of timing: where our step's and encoding's time "
+                   "goes, by op category (torch.profiler)")
     p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
@@ -291,6 +328,17 @@ def main(argv=None):
     report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),
                   flops=FLOPS_NOTE, results={})
     describe_machine(device, opts, report, say)
+    if opts.profile:
+        report["profile"] = {str(b): profile(opts, b, say) for b in opts.batch_sizes}
+    else:
+        run_all(opts, config, device, report, say)
+    if opts.json:
+        print(json.dumps(report))
+    return report
+
+
+def run_all(opts, config, device, report, say):
+    """The timings: both paths (or ours alone), every batch size, into report["results"]."""
     say(f"{report['model']}, random weights, method {opts.method}, amp {opts.amp}, compile {opts.compile or 'off'}, "
         f"{opts.warmup} warm-up steps, then {opts.rounds} rounds of {opts.iters} timed steps, the paths in turn; "
         f"medians over rounds\n{FLOPS_NOTE}")
@@ -326,9 +374,6 @@ def main(argv=None):
             say(f"{batch:5} ours / released: speed: " + ", ".join(
                 f"{part} {row['speedup'][part]:.2f}x (rounds {min(r):.2f}-{max(r):.2f})" for part, r in ratios.items())
                 + f"; training peak memory {row['train_memory_ratio']:.2f}x")
-    if opts.json:
-        print(json.dumps(report))
-    return report
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import threading
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adapter
 import clip_min
@@ -109,22 +108,15 @@ def autocast(device_type, amp):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-@contextlib.contextmanager
 def training_attention(device_type, amp):
-    """The attention kernel of a training step. On a CPU under bf16/fp16, softmax between two matrix products in that
-    precision: the fused kernel's backward is slow for CLIP's short sequences, and the unfused one, by default, casts
-    q, k and v to fp32 and multiplies them there; softmax itself still sums in fp32. fp32 and GPUs keep torch's
-    choice."""
+    """The attention of a training step. On a CPU under bf16/fp16, softmax between two matrix products in that
+    precision, spelled out (clip_min.model.matmul_attention): the fused kernel's backward is slow for CLIP's short
+    sequences, and torch's unfused one casts q, k and v to fp32 by default, checks its softmax rows for all -inf
+    and builds the causal mask at every call; torch.compile then fuses around the same products. softmax itself
+    still sums in fp32. fp32 and GPUs keep torch's choice."""
     if device_type != "cpu" or amp not in AMP_DTYPES:
-        yield
-        return
-    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # despite its name, it covers CPUs too
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+        return contextlib.nullcontext()
+    return clip_min.model.matmul_attention()
 
 
 def keep_frozen_weights_in(model, amp):

@@ -5,7 +5,9 @@ strict=True and no renaming. Two deliberate differences from OpenAI's clip/model
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
 scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
 """
+import contextlib
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -45,13 +47,14 @@ class QuickGELUWithFusedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return quick_gelu(x)
+        z = 1.702 * x  # kept for the backward instead of x: the same size, and one pass fewer there
+        ctx.save_for_backward(z)
+        return x * torch.sigmoid(z)  # quick_gelu(x), the same operations
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+        (z,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad, z)
 
 
 class QuickGELU(nn.Module):
@@ -67,6 +70,46 @@ class QuickGELU(nn.Module):
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
+_matmul_attention = False  # set by matmul_attention(); read at every call, so torch.compile guards on it
+
+
+@contextlib.contextmanager
+def matmul_attention():
+    """Within it, Attention computes softmax(q k^T / sqrt(d) + mask) v as two batched matrix products around a
+    softmax, in the products' precision, instead of calling scaled_dot_product_attention. Its backward is autograd's
+    through three plain kernels, and torch.compile traces those kernels (it lowers scaled_dot_product_attention to
+    the fused kernel whatever backend is chosen outside). Results differ from the math kernel by rounding only."""
+    global _matmul_attention
+    before, _matmul_attention = _matmul_attention, True
+    try:
+        yield
+    finally:
+        _matmul_attention = before
+
+
+def causal_bias(tokens, dtype, device):
+    """0 on and below the diagonal, -inf above: added to the scores, it hides later tokens. No row is all -inf, so
+    softmax needs no guard. Eager calls build it once per shape; a compiled graph builds it inside, where it fuses."""
+    return (_causal_bias.__wrapped__ if torch.compiler.is_compiling() else _causal_bias)(tokens, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(tokens, dtype, device):
+    return torch.full((tokens, tokens), float("-inf"), dtype=dtype, device=device).triu(1)
+
+
+def attention_by_matmul(qkv, causal):
+    """qkv: [batch, tokens, 3, heads, dim] -> [batch, tokens, heads * dim]."""
+    batch, tokens, _, heads, dim = qkv.shape
+    # One copy puts q, k and v head-major, where each head's rows are contiguous for the batched products.
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, tokens, dim).unbind(0)
+    # The scale rides in the product (alpha), in its backward too; with beta=0 the bias is not read.
+    bias = causal_bias(tokens, q.dtype, q.device) if causal else q.new_zeros(1, 1, 1)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1 if causal else 0, alpha=dim ** -0.5)
+    out = torch.bmm(scores.softmax(dim=-1), v)
+    return out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention holding nn.MultiheadAttention's parameters (in_proj_*, out_proj)."""
 
@@ -79,11 +122,12 @@ class Attention(nn.Module):
 
     def forward(self, x):
         batch, tokens, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients, with no zero-filling
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, tokens, 3, self.heads, -1)
         # The text encoder is causal: token t sees tokens <= t, which is also why text can be cut to
         # the batch's longest caption without changing the feature read at the end token.
+        if _matmul_attention:
+            return self.out_proj(attention_by_matmul(qkv, self.causal))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
 

@@ -1,6 +1,10 @@
 """bench.py's baseline is a faithful re-implementation of the released code path, and bench.main reports JSON."""
 import argparse
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +93,35 @@ def test_a_dying_worker_stops_the_run_with_a_message(failure):
     vars(opts).update(failure)
     with pytest.raises(SystemExit, match="worker process died"):
         bench.run(("released", "ours"), opts, 4)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """DRY_RUN=1 runs the GPU check's commands on the CPU with a tiny CLIP: every section exits 0 and prints its
+    numbers, and its log lands in $OUT."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
+               PE_RSITR_CACHE=str(tmp_path / "demo-data"))
+    done = subprocess.run(["bash", os.path.join(root, "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "all sections passed" in done.stdout
+    number = r"\d+(\.\d+)?"
+    for section in ("bench-eager", "bench-compiled", "train-demo-bf16", "train-demo-fp16"):
+        assert f"== {section}: exit 0" in done.stdout, section
+        log = (tmp_path / f"{section}.log").read_text()
+        if section.startswith("bench"):
+            assert re.search(rf"ours +train \| +{number} +{number} +{number} +{number}%", log), log
+            assert re.search(rf"ours / released: speed: encode {number}x .*train {number}x", log), log
+        else:
+            assert re.search(rf"^test i2t R@1/5/10 {number}/{number}/{number} .* mR {number}$", log, re.M), log
+            assert os.path.isfile(tmp_path / f"run-{section[-4:]}" / "last.pt")
+
+
+def test_profile_shares_add_up():
+    report = bench.main(["--profile", "--tiny", "--device", "cpu", "--amp", "bf16", "--batch-sizes", "4",
+                         "--test-images", "2", "--json"])
+    for part in ("train", "encode"):
+        shares = report["profile"]["4"][part]
+        assert abs(sum(shares.values()) - 1) < 1e-6 and shares["matrix products"] > 0.05, shares
+    assert "softmax" in report["profile"]["4"]["train"]  # the spelled-out attention's own softmax, not a fused kernel
+    assert not report["results"]

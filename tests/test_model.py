@@ -1,4 +1,6 @@
 """clip_min computes what OpenAI's reference CLIP computes, loaded from OpenAI's file format."""
+import contextlib
+
 import pytest
 import torch
 
@@ -111,3 +113,43 @@ def test_quick_gelu_fuses_its_backward_in_bf16_and_fp16_only():
         x = torch.randn(64, dtype=dtype, requires_grad=True)
         assert activation(x).grad_fn.name() == grad_fn, dtype
     assert activation(x.detach()).grad_fn is None
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["image", "text"])
+def test_matmul_attention_is_scaled_dot_product_attention(causal):
+    """In float64 the spelled-out attention (clip_min.model.matmul_attention) equals torch's kernel, forward and
+    backward; the causal mask is built once per shape."""
+    torch.manual_seed(0)
+    attn = clip_min.model.Attention(128, 2, causal).double()
+    torch.nn.init.normal_(attn.in_proj_weight, std=128 ** -0.5)
+    x = torch.randn(3, 7, 128, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    results = []
+    for spelled in (False, True):
+        with clip_min.model.matmul_attention() if spelled else contextlib.nullcontext():
+            out = attn(x)
+            results.append((out, *torch.autograd.grad(out, (x, attn.in_proj_weight), grad)))
+    for ours, torchs in zip(*results):
+        torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
+    bias = clip_min.model.causal_bias(7, torch.float64, x.device)
+    assert bias is clip_min.model.causal_bias(7, torch.float64, x.device)
+
+
+def test_compiled_step_traces_the_matmul_attention():
+    """torch.compile traces the products eager runs under matmul_attention (it would lower
+    scaled_dot_product_attention to the fused kernel), and outside it torch's kernel again."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append({str(node.target) for node in graph.graph.nodes})
+        return graph.forward
+
+    torch._dynamo.reset()
+    attn = torch.compile(clip_min.model.Attention(128, 2, causal=True), backend=backend, fullgraph=True)
+    x = torch.randn(2, 5, 128)
+    with clip_min.model.matmul_attention():
+        attn(x)
+    attn(x)  # a guard sees the switch and traces again
+    assert len(graphs) == 2
+    assert any("baddbmm" in t for t in graphs[0]) and not any("scaled_dot_product" in t for t in graphs[0])
+    assert any("scaled_dot_product" in t for t in graphs[1])
