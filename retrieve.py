@@ -10,7 +10,6 @@ changed files; the manifest is replaced last, so an interrupted run leaves the p
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -42,21 +41,14 @@ MAX_UPLOAD = 20 * 2 ** 20
 THUMBNAIL = 256
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_record(args):
     """What made the embeddings, as the index keeps it: the train.py checkpoint (path, sha256) or frozen CLIP, the
     method, the backbone, the activation (None until the model is loaded); and the checkpoint's state."""
     state = runtime.read_checkpoint(args.checkpoint) if args.checkpoint else {}
     clip = args.clip or state.get("clip")  # None with a checkpoint: its run's backbone (the demo's)
     return {"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint),
-            "sha256": args.checkpoint and sha256(args.checkpoint), "method": state.get("method", "zeroshot"),
+            "sha256": args.checkpoint and clip_min.download.sha256_of(args.checkpoint),
+            "method": state.get("method", "zeroshot"),
             "backbone": os.path.abspath(clip) if clip and os.path.exists(clip) else clip or (
                 None if state else "ViT-B/32"), "activation": args.clip_activation}, state
 
@@ -66,7 +58,7 @@ def load_model(record, device, amp, state=None):
     weights are stored in that precision once (autocast would cast them again at every query: the same rounding)."""
     if record["checkpoint"] and not state:
         state = runtime.read_checkpoint(record["checkpoint"])
-        if sha256(record["checkpoint"]) != record["sha256"]:
+        if clip_min.download.sha256_of(record["checkpoint"]) != record["sha256"]:
             raise ValueError(f"{record['checkpoint']} changed since the index was made; index again with --rebuild")
     model = runtime.trained_model(state or {}, device, record["backbone"], record["activation"], record["method"])
     runtime.keep_frozen_weights_in(model, amp)

@@ -131,7 +131,7 @@ def plan(args, forwarded, datasets):
                 clip = settings["clip"]
                 if clip and os.path.isfile(clip):  # the same path may come to hold other weights
                     if clip not in digests:
-                        digests[clip] = clip_min.download._sha256_of(clip)
+                        digests[clip] = clip_min.download.sha256_of(clip)
                     settings["clip_sha256"] = digests[clip]
                 steps = 0 if method == "zeroshot" else train_pairs // settings["batch_size"]
                 cells.append(SimpleNamespace(dataset=name, method=method, loss=loss, seed=seed, out=out, argv=argv,

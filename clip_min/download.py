@@ -30,7 +30,7 @@ def available_models():
     return list(MODELS)
 
 
-def _sha256_of(path):
+def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -65,7 +65,7 @@ def download(url, sha256, root=None):
     path = os.path.join(root, os.path.basename(urllib.parse.urlparse(url).path))
     sha256 = sha256.lower()
     if os.path.isfile(path):
-        if _sha256_of(path) == sha256:
+        if sha256_of(path) == sha256:
             return path
         print(f"{path} exists but its SHA-256 does not match; downloading it again", file=sys.stderr)
     # Written beside the target and renamed only once verified, so the cache never holds a partial or wrong file.
