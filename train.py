@@ -97,13 +97,6 @@ def parse_args(argv=None):
     return args
 
 
-class Splits(dict):
-    """{part: data.Split} from read_splits, then {part: (images, tokens)} from decode. Beside the parts ride what
-    start() hands from one to the other unread: the --decode-cache choice, and each part's image_of_caption."""
-    decode_cache = None
-    image_of_caption = None
-
-
 def read_splits(args, rank):
     """Train, val (the released 80/20 split of the training file, drawn with --seed) and test splits: names and
     captions, every image file checked. Read before the backbone, so a missing dataset is reported before a download.
@@ -113,9 +106,8 @@ def read_splits(args, rank):
     name, root = data.prepare_dataset(args.dataset, args.data_root)
     if dist.is_initialized() and rank == 0:
         dist.barrier()
-    splits = Splits({part: data.load_split(name, root, part, seed=args.seed, csv=data.csv_options(args))
-                     for part in ("train", "val", "test")})
-    splits.decode_cache = data.decode_cache_choice(args)
+    splits = {part: data.load_split(name, root, part, seed=args.seed, csv=data.csv_options(args))
+              for part in ("train", "val", "test")}
     if rank == 0:
         with open(os.path.join(args.out, "val_images.txt"), "w") as f:
             f.writelines(os.path.basename(path) + "\n" for path in splits["val"].image_paths)
@@ -125,15 +117,14 @@ def read_splits(args, rank):
     return splits
 
 
-def decode(splits, resolution, workers):
-    """Each split's images decoded (once: later runs memory-map data.load_images' cache) and its captions tokenized:
-    {part: (images, tokens)}, each part's image_of_caption a LongTensor beside them."""
-    decoded = Splits()
-    decoded.decode_cache, decoded.image_of_caption = splits.decode_cache, {}
+def decode(splits, resolution, args):
+    """Each split's images decoded (once: later runs memory-map data.load_images' cache), its captions tokenized, and
+    the image of each caption: {part: (images, tokens, image_of_caption)}."""
+    decoded, cache = {}, data.decode_cache_choice(args)
     for part, split in splits.items():
-        decoded[part] = (data.load_images(split.image_paths, resolution, workers=workers, cache=splits.decode_cache),
-                         clip_min.tokenize(split.captions, truncate=True))
-        decoded.image_of_caption[part] = torch.as_tensor(split.image_of_caption, dtype=torch.long)
+        decoded[part] = (data.load_images(split.image_paths, resolution, workers=args.workers, cache=cache),
+                         clip_min.tokenize(split.captions, truncate=True),
+                         torch.as_tensor(split.image_of_caption, dtype=torch.long))
         print(split.summary())
     return decoded
 
@@ -241,9 +232,9 @@ def start(args, session):
     runtime.keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
-    splits = decode(splits, model.visual.input_resolution, args.workers)
+    splits = decode(splits, model.visual.input_resolution, args)
     if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
-        splits["train"] = (splits["train"][0].to(device), splits["train"][1])
+        splits["train"] = (splits["train"][0].to(device), *splits["train"][1:])
     encoder = adapter.ViewsEncoder(model)
     if distributed and any(p.requires_grad for p in model.parameters()):  # zero-shot has nothing to synchronise
         # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
@@ -316,8 +307,8 @@ def record(run, entry):
 
 def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
-    similarity = metrics.similarity(run.model, *run.splits[split], run.device, run.args.amp)
-    image_of_caption = run.splits.image_of_caption[split]
+    images, tokens, image_of_caption = run.splits[split]
+    similarity = metrics.similarity(run.model, images, tokens, run.device, run.args.amp)
     scores = metrics.retrieval_metrics(similarity, image_of_caption)
     bounds = metrics.tie_bounds(similarity, scores, image_of_caption) if say_ties else ""
     if bounds:
@@ -357,7 +348,7 @@ def learning_rate(args, epoch):
 
 def train_epoch(run, epoch, first_step):
     """Steps first_step.. of one epoch, with progress lines and a mid-epoch save every --save-minutes."""
-    args, images_all, tokens_all = run.args, *run.splits["train"]
+    args, (images_all, tokens_all, image_of_caption) = run.args, run.splits["train"]
     lr = learning_rate(args, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -368,7 +359,7 @@ def train_epoch(run, epoch, first_step):
     started, bad = time.time(), torch.tensor(-1, device=run.device)  # bad: the first step whose loss is not finite
     for step in range(first_step, run.steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.rank * local:(run.rank + 1) * local]
-        image_ids = run.splits.image_of_caption["train"][idx]  # each caption's own image, however many it has
+        image_ids = image_of_caption[idx]  # each caption's own image, however many it has
         images = data.normalise(images_all[image_ids.to(images_all.device)].to(run.device, non_blocking=True))
         terms = train_step(run.encoder, run.optimizer, run.scaler, images, tokens_all[idx], image_ids.to(run.device),
                            args)
