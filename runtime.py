@@ -1,6 +1,5 @@
 """The run-time choices train.py, evaluate.py, bench.py and table.py share: which backbone (and the demo's), which
 precision (bf16 where the hardware computes it natively), and the CPU allocator setting."""
-import contextlib
 import ctypes
 import os
 import signal
@@ -106,17 +105,6 @@ def autocast(device_type, amp):
     """Mixed precision for --amp bf16 or fp16 (a no-op context for off)."""
     dtype = AMP_DTYPES.get(amp)
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def training_attention(device_type, amp):
-    """The attention of a training step. On a CPU under bf16/fp16, softmax between two matrix products in that
-    precision, spelled out (clip_min.model.matmul_attention): the fused kernel's backward is slow for CLIP's short
-    sequences, and torch's unfused one casts q, k and v to fp32 by default, checks its softmax rows for all -inf
-    and builds the causal mask at every call; torch.compile then fuses around the same products. softmax itself
-    still sums in fp32. fp32 and GPUs keep torch's choice."""
-    if device_type != "cpu" or amp not in AMP_DTYPES:
-        return contextlib.nullcontext()
-    return clip_min.model.matmul_attention()
 
 
 def keep_frozen_weights_in(model, amp):

@@ -135,8 +135,7 @@ def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     # Cut to the longest caption while the tokens are still on the host, where reading the length costs no wait
     # for the GPU.
     tokens = clip_min.trim(tokens).to(images.device, non_blocking=True)
-    device_type = images.device.type
-    with runtime.autocast(device_type, args.amp), runtime.training_attention(device_type, args.amp):
+    with runtime.autocast(images.device.type, args.amp):
         *views, logit_scale = encoder(images, tokens)
     # Negatives come from every process's batch (identity on a single process).
     image, text, image_aug, text_aug = (losses.gather_with_grad(v.float()) for v in views)

@@ -5,7 +5,6 @@ strict=True and no renaming. Two deliberate differences from OpenAI's clip/model
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
 scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
 """
-import contextlib
 import dataclasses
 import functools
 import math
@@ -70,21 +69,14 @@ class QuickGELU(nn.Module):
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
-_matmul_attention = False  # set by matmul_attention(); read at every call, so torch.compile guards on it
-
-
-@contextlib.contextmanager
-def matmul_attention():
-    """Within it, Attention computes softmax(q k^T / sqrt(d) + mask) v as two batched matrix products around a
-    softmax, in the products' precision, instead of calling scaled_dot_product_attention. Its backward is autograd's
-    through three plain kernels, and torch.compile traces those kernels (it lowers scaled_dot_product_attention to
-    the fused kernel whatever backend is chosen outside). Results differ from the math kernel by rounding only."""
-    global _matmul_attention
-    before, _matmul_attention = _matmul_attention, True
-    try:
-        yield
-    finally:
-        _matmul_attention = before
+def spelled_out_attention(qkv):
+    """Whether attention is computed as softmax(q k^T / sqrt(d) + mask) v between two batched matrix products in
+    the products' precision (attention_by_matmul) rather than by scaled_dot_product_attention: in a CPU training
+    step under bf16/fp16. There torch's fused kernel has a slow backward for CLIP's short sequences, and its unfused
+    one casts q, k and v to fp32 by default, checks its softmax rows for all -inf and builds the causal mask at every
+    call; torch.compile traces the same three plain kernels (it would lower scaled_dot_product_attention to the fused
+    one). fp32, inference and GPUs keep torch's kernel. The two differ by rounding only."""
+    return qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
 
 
 def causal_bias(tokens, dtype, device):
@@ -125,7 +117,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, tokens, 3, self.heads, -1)
         # The text encoder is causal: token t sees tokens <= t, which is also why text can be cut to
         # the batch's longest caption without changing the feature read at the end token.
-        if _matmul_attention:
+        if spelled_out_attention(qkv):
             return self.out_proj(attention_by_matmul(qkv, self.causal))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)

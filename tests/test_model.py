@@ -1,8 +1,7 @@
 """clip_min computes what OpenAI's reference CLIP computes, loaded from OpenAI's file format."""
-import contextlib
-
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip_min
 from clip_min.model import CLIP, config_from_state_dict
@@ -116,28 +115,26 @@ def test_quick_gelu_fuses_its_backward_in_bf16_and_fp16_only():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["image", "text"])
-def test_matmul_attention_is_scaled_dot_product_attention(causal):
-    """In float64 the spelled-out attention (clip_min.model.matmul_attention) equals torch's kernel, forward and
+def test_spelled_out_attention_is_scaled_dot_product_attention(causal):
+    """In float64 the spelled-out attention (clip_min.model.attention_by_matmul) equals torch's kernel, forward and
     backward; the causal mask is built once per shape."""
     torch.manual_seed(0)
-    attn = clip_min.model.Attention(128, 2, causal).double()
-    torch.nn.init.normal_(attn.in_proj_weight, std=128 ** -0.5)
-    x = torch.randn(3, 7, 128, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(x.shape, dtype=torch.float64)
-    results = []
-    for spelled in (False, True):
-        with clip_min.model.matmul_attention() if spelled else contextlib.nullcontext():
-            out = attn(x)
-            results.append((out, *torch.autograd.grad(out, (x, attn.in_proj_weight), grad)))
-    for ours, torchs in zip(*results):
-        torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
-    bias = clip_min.model.causal_bias(7, torch.float64, x.device)
-    assert bias is clip_min.model.causal_bias(7, torch.float64, x.device)
+    qkv = torch.randn(3, 7, 3, 2, 64, dtype=torch.float64, requires_grad=True)  # [batch, tokens, q|k|v, heads, dim]
+    grad = torch.randn(3, 7, 128, dtype=torch.float64)
+    ours = clip_min.model.attention_by_matmul(qkv, causal)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    torchs = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(3, 7, 128)
+    torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(*(torch.autograd.grad(out, qkv, grad)[0] for out in (ours, torchs)),
+                               rtol=1e-12, atol=1e-12)
+    bias = clip_min.model.causal_bias(7, torch.float64, qkv.device)
+    assert bias is clip_min.model.causal_bias(7, torch.float64, qkv.device)
 
 
-def test_compiled_step_traces_the_matmul_attention():
-    """torch.compile traces the products eager runs under matmul_attention (it would lower
-    scaled_dot_product_attention to the fused kernel), and outside it torch's kernel again."""
+def test_attention_kernel_follows_the_step():
+    """A CPU training step in bf16 or fp16 computes attention as two batched products, eager and compiled alike
+    (torch.compile would lower scaled_dot_product_attention to the fused kernel); inference and fp32 keep torch's
+    kernel, and a compiled module traces again when the grad mode changes."""
     graphs = []
 
     def backend(graph, example_inputs):
@@ -145,11 +142,15 @@ def test_compiled_step_traces_the_matmul_attention():
         return graph.forward
 
     torch._dynamo.reset()
-    attn = torch.compile(clip_min.model.Attention(128, 2, causal=True), backend=backend, fullgraph=True)
-    x = torch.randn(2, 5, 128)
-    with clip_min.model.matmul_attention():
-        attn(x)
-    attn(x)  # a guard sees the switch and traces again
+    compiled = torch.compile(clip_min.model.Attention(128, 2, causal=True).bfloat16(), backend=backend, fullgraph=True)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    compiled(x)
+    with torch.no_grad():
+        compiled(x)
     assert len(graphs) == 2
     assert any("baddbmm" in t for t in graphs[0]) and not any("scaled_dot_product" in t for t in graphs[0])
     assert any("scaled_dot_product" in t for t in graphs[1])
+    qkv, spelled = torch.randn(2, 5, 3, 2, 64), clip_min.model.spelled_out_attention
+    assert spelled(qkv.bfloat16()) and spelled(qkv.half()) and not spelled(qkv)
+    with torch.inference_mode():
+        assert not spelled(qkv.bfloat16())
