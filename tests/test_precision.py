@@ -48,7 +48,7 @@ def test_bf16_autocast_embeddings_stay_close_to_fp32():
 
 def test_bf16_training_step_follows_the_fp32_gradient():
     """ViT-B/32 with random weights, the bf16 CPU training path as train.py runs it (frozen weights stored in bf16,
-    attention in bf16, the fused QuickGELU backward): every trainable tensor's update points where fp32's does.
+    attention in bf16, QuickGELU's scales in the MLP's products): every trainable tensor's update points where fp32's does.
     InfoNCE, not HMMC: a hinge on the hardest negative can switch negatives under any rounding."""
     import argparse
     import copy
@@ -161,9 +161,8 @@ MASK_CHECKS = {"isneginf", "all", "tril", "triu", "_safe_softmax"}  # the math k
 @pytest.mark.parametrize("amp", ["bf16", "off"])
 def test_cpu_training_attention_kernel(amp, monkeypatch):
     """A bf16 CPU training step computes attention as softmax between two bf16 matrix products, spelled out: no
-    torch attention kernel, no mask built or checked per call, and the same step as torch's unfused kernel in bf16
-    within bf16 rounding (no farther from it than torch's fused kernel is). fp32 keeps torch's default kernel, bit
-    for bit."""
+    torch attention kernel, no mask built or checked per call, and a step as close to the fp32 step as torch's own
+    kernels in bf16 come. fp32 keeps torch's default kernel, bit for bit."""
     import argparse
     import copy
 
@@ -198,6 +197,10 @@ def test_cpu_training_attention_kernel(amp, monkeypatch):
         return
     assert not MASK_CHECKS & ops.names and not any("scaled_dot_product" in name for name in ops.names), MASK_CHECKS & ops.names
     assert {"baddbmm", "bmm", "_softmax"} <= ops.names
-    rounding = (kernels["fused"] - kernels["math in bf16"]).abs().max()
-    assert 0 < (chosen - kernels["math in bf16"]).abs().max() <= rounding  # bf16 rounding apart, not more
-    assert F.cosine_similarity(chosen.flatten(), kernels["math in bf16"].flatten(), dim=0) > 0.999
+    args.amp = "off"
+    fp32 = step()  # the update every bf16 kernel rounds away from
+
+    def distance(update):
+        return ((update - fp32).norm() / fp32.norm()).item()
+
+    assert 0 < distance(chosen) <= 1.25 * max(distance(kernels["math in bf16"]), distance(kernels["fused"]))
