@@ -245,7 +245,7 @@ def input_pipeline(device, batch, n_files=48):
 CATEGORIES = (("matrix products", ("mm", "addmm", "bmm", "baddbmm", "mkldnn_convolution", "_scaled_dot_product")),
               ("attention mask checks", ("isneginf", "all", "where", "tril", "triu", "_safe_softmax")),
               ("softmax", ("_softmax",)), ("LayerNorm", ("native_layer_norm",)),
-              ("activation", ("sigmoid", "silu_backward", "threshold_backward", "clamp_min", "relu")),
+              ("activation", ("sigmoid", "silu", "threshold_backward", "clamp_min", "relu")),
               ("dropout masks", ("bernoulli", "div_")), ("copies, casts, concatenations", ("copy_", "cat", "clone")),
               ("element-wise products and sums", ("mul", "add", "sum", "sub")), ("optimizer", ("_foreach", "sqrt")))
 
