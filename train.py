@@ -12,23 +12,13 @@ continues it, --overwrite replaces it), and one process at a time trains in it (
 current step ends, last.pt is saved, the resume command is said.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
-import shlex
-import shutil
 import signal
-import socket
 import sys
-import threading
 import time
 from types import SimpleNamespace
-
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked
-    fcntl = None
 
 import torch
 import torch._dynamo  # noqa: F401  (before any process group: imported later, by DDP, it leaves gloo threads behind)
@@ -41,6 +31,7 @@ import data
 import losses
 import metrics
 import recipe
+import run_folder
 import runtime
 
 
@@ -157,28 +148,6 @@ def log(*a):
     print(*a, flush=True)
 
 
-def save_atomically(obj, path):
-    """torch.save through a temporary file renamed into place: a run killed, or a disk full, while saving leaves the
-    previous file intact and no temporary one. A failed write is an OSError that says so in one line."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file in its place
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        # torch's writer reports a full disk as a RuntimeError of its zip writer ("unexpected pos ...")
-        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and "inline_container" in str(e)):
-            raise
-        why = e.strerror or str(e) if isinstance(e, OSError) else "the file could not be written in full"
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
-        raise OSError(f"could not write {path} ({why}; {free:.0f} MiB free there): the previous "
-                      f"{os.path.basename(path)}, if any, is intact; free some space and run the same command with "
-                      "--resume") from e
-
-
 def rng_states():
     """Every process's generators that training draws from (dropout); the batch order comes from (seed, epoch)."""
     mine = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -219,7 +188,7 @@ def start(args, session):
         log("--amp fp16 on a CPU: emulated, usually slower than --amp off (fp16 is for GPUs without bf16)")
     if args.batch_size % world:
         raise runtime.CommandError(f"--batch-size {args.batch_size} must be divisible by the {world} processes", 2)
-    hold_folder(args, session, distributed)
+    run_folder.hold_folder(args, session, distributed)
     if args.dataset == "demo":
         log(f"demo: the synthetic dataset is in {args.data_root or data.DEMO_ROOT} (generated there on first use)")
 
@@ -334,9 +303,9 @@ def save(run, epoch, step, improved=False):
                  "options": run.model.petl_options, "clip": args.clip, "activation": run.model.config.activation,
                  "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": run.best_mr, "args": vars(args)}
         if improved:
-            save_atomically(state, os.path.join(args.out, "best.pt"))
-        save_atomically({**state, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                         "rng": rngs}, os.path.join(args.out, "last.pt"))
+            run_folder.save_atomically(state, os.path.join(args.out, "best.pt"))
+        resumable = {**state, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": rngs}
+        run_folder.save_atomically(resumable, os.path.join(args.out, "last.pt"))
     run.saved_at = time.time()
 
 
@@ -422,124 +391,6 @@ def check_finite(bad, epoch, lr):
                                    "--grad-clip")
 
 
-# ------------------------------------------------------------------ the run folder: never overwritten unasked, one run at a time
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what makes a folder hold a run
-
-
-def check_folder(args):
-    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently overwritten."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
-    if args.resume and "last.pt" not in found:
-        again = "without --resume" + (" and with --overwrite" if found else "")
-        raise runtime.CommandError(f"--resume: no checkpoint at {os.path.join(args.out, 'last.pt')} (the run saved "
-                                   f"nothing to resume): start it {again}", 2)
-    if found and not (args.resume or args.overwrite):
-        ways = "continue it with --resume, " if "last.pt" in found else ""
-        raise runtime.CommandError(f"{args.out} holds a run ({', '.join(found)}): {ways}start another with another "
-                                   "--out, or replace this one with --overwrite", 2)
-    for name in RUN_FILES + ("test.json",) if args.overwrite else ():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(args.out, name))
-
-
-def claim_folder(args):
-    """<out>/.lock, held (flock) while this process trains there; returns its open file. The kernel drops the hold of
-    a process that dies, so a lock left by a killed run is taken over, never obeyed forever; the file names the
-    holder (pid, host) for the message of the process refused."""
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, ".lock")
-    while True:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().split() or ["?", "?"]
-            f.close()
-            raise runtime.CommandError(f"{args.out} is in use by train.py process {holder[0]} on {holder[-1]} (it "
-                                       f"holds {path}): wait for it to end, or choose another --out") from None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            break
-        f.close()  # the holder removed the file as we opened it: try again on the new one
-    f.seek(0)
-    if f.read().split():
-        log(f"{path}: the process that held it is gone; taken over")
-    f.truncate(0)
-    f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    f.flush()
-    try:
-        check_folder(args)
-    except BaseException:
-        release_folder(f)
-        raise
-    return f
-
-
-def release_folder(lock):
-    if lock is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock.name)  # while still held: no other process can have taken it in between
-        lock.close()
-
-
-def hold_folder(args, session, distributed):
-    """Rank 0 holds --out (session.lock); its verdict is every process's, so that none waits for a refused run."""
-    verdict = [None]
-    if session.rank == 0:
-        try:
-            if fcntl:
-                session.lock = claim_folder(args)
-            else:  # no flock (Windows): the folder is checked, not locked
-                os.makedirs(args.out, exist_ok=True)
-                check_folder(args)
-        except (runtime.CommandError, OSError) as e:
-            verdict = [(str(e.code if isinstance(e, SystemExit) else e), getattr(e, "status", 1))]
-    if distributed:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise runtime.CommandError(*verdict[0])
-
-
-# ------------------------------------------------------------------ Ctrl-C and SIGTERM: finish the step, save, say how to go on
-
-@contextlib.contextmanager
-def stop_on_signals(session):
-    """While session.deferred (a run that can be saved), SIGINT or SIGTERM only sets session.signum: training ends its
-    step, saves last.pt and stops. Before that, and at a second signal, the command stops at once."""
-    def handler(signum, frame):
-        if session.deferred and session.signum is None:
-            session.signum = signum
-            if session.rank == 0:  # os.write: a print could be the one this signal interrupted
-                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, last.pt saved (Ctrl-C "
-                            "again: stop at once)\n".encode())
-            return
-        raise runtime.Interrupted(signum=signum)
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s, h in previous.items():
-        if h != signal.SIG_IGN:  # an ignored signal stays ignored (nohup, a background job)
-            signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, signal.SIG_DFL if h is None else h)
-
-
-def again(args, session):
-    """The command that goes on with the run in --out, as typed: --resume once a last.pt is there."""
-    argv, saved = list(session.argv), os.path.isfile(os.path.join(args.out, "last.pt"))
-    if saved:
-        argv = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
-    elif any(os.path.exists(os.path.join(args.out, name)) for name in RUN_FILES) and not args.overwrite:
-        argv.append("--overwrite")
-    launcher = f"torchrun --nproc_per_node={session.world} train.py" if session.world > 1 else "python train.py"
-    return " ".join([launcher, *map(shlex.quote, argv)])
-
-
 def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
     """After a step (or the evaluation before training, or validation): if a signal asked to stop (rank 0's decides
     for all), save last.pt at (epoch, step) and stop with the command that continues."""
@@ -555,7 +406,7 @@ def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
     where = f"after epoch {epoch + 1}" if step == run.steps else f"at epoch {epoch + 1}, step {step}"
     raise runtime.Interrupted(f"stopped by {signal.Signals(asked[0]).name} {where}: "
                               f"{os.path.join(run.args.out, 'last.pt')} saved. Continue with: "
-                              f"{again(run.args, run.session)}", asked[0])
+                              f"{run_folder.again(run.args, run.session)}", asked[0])
 
 
 def fit(run):
@@ -583,7 +434,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     session = SimpleNamespace(argv=argv, rank=0, world=1, lock=None, deferred=False, signum=None)
-    with stop_on_signals(session):
+    with run_folder.stop_on_signals(session):
         try:
             run = start(args, session)
             run.session, session.deferred = session, run.optimizer is not None  # zero-shot: nothing to save
@@ -593,12 +444,12 @@ def main(argv=None):
                 raise
             kept = "last.pt holds the last save" if os.path.isfile(os.path.join(args.out, "last.pt")) else \
                 "nothing saved"
-            raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {again(args, session)}",
+            raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {run_folder.again(args, session)}",
                                       getattr(e, "signum", signal.SIGINT)) from None
         finally:
-            release_folder(session.lock)
+            run_folder.release_folder(session.lock)
     if session.rank == 0:
-        written = [n for n in (*RUN_FILES, "test.json") if os.path.isfile(os.path.join(args.out, n))]
+        written = [n for n in (*run_folder.RUN_FILES, "test.json") if os.path.isfile(os.path.join(args.out, n))]
         log(f"run written to {args.out}: {', '.join(written)}")
     return result
 

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import run_folder
 import runtime
 import train
 from helpers import make_world
@@ -277,7 +278,7 @@ def test_a_second_signal_stops_at_once():
     session = SimpleNamespace(deferred=True, signum=None, rank=1)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest inherited
     try:
-        with train.stop_on_signals(session):
+        with run_folder.stop_on_signals(session):
             os.kill(os.getpid(), signal.SIGINT)
             assert session.signum == signal.SIGINT
             with pytest.raises(KeyboardInterrupt):
@@ -292,12 +293,12 @@ def test_a_folder_in_use_is_refused_and_a_dead_holder_taken_over(world, tmp_path
     """One process at a time in a run folder: a second one is refused with the holder's pid; a lock left by a
     killed process (its flock gone with it) is taken over."""
     out = tmp_path / "run"
-    held = train.claim_folder(train.parse_args(train_args(world, out)))
+    held = run_folder.claim_folder(train.parse_args(train_args(world, out)))
     try:
         proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *train_args(world, out)],
                               cwd=world.tmp, env=environment(world), capture_output=True, text=True, timeout=300)
     finally:
-        train.release_folder(held)
+        run_folder.release_folder(held)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert re.search(rf"^error: .*run is in use by train.py process {os.getpid()} on .*: wait for it", proc.stderr,
                      re.M)
