@@ -3,7 +3,9 @@
 Every parameter carries the name it has in OpenAI's state_dict, so a released checkpoint loads with
 strict=True and no renaming. Two deliberate differences from OpenAI's clip/model.py, neither of which
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
-scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel).
+scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel). In bf16/fp16 two
+computations are arranged for speed, equal to the formulas up to that precision's rounding: attention in a CPU
+training step (spelled_out_attention) and QuickGELU between the MLP's products (MLP.quick_gelu_folded).
 """
 import dataclasses
 import functools
@@ -125,9 +127,9 @@ class MLP(nn.Module):
 
     def quick_gelu_folded(self, x):
         """c_proj(quick_gelu(c_fc(x))) with quick_gelu(y) = silu(1.702 y) / 1.702 and both scales carried by the
-        matrix products (alpha, beta): one element-wise pass over the wide hidden layer (torch's silu, whose
-        backward is one more) instead of three, on a 4x wider tensor than the block's. It rounds differently from
-        the formula, by bf16/fp16 rounding, hence low precision only."""
+        matrix products (alpha, beta): one element-wise pass over the 4x-wide hidden layer (torch's silu, whose
+        backward is one more) where the formula takes three. It rounds differently from the formula, within
+        bf16/fp16 rounding, hence low precision only."""
         s = 1.702
         z = torch.addmm(self.c_fc.bias, x.flatten(0, -2), self.c_fc.weight.t(), beta=s, alpha=s)  # 1.702 c_fc(x)
         out = torch.addmm(self.c_proj.bias, F.silu(z), self.c_proj.weight.t(), alpha=1 / s)
