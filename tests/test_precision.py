@@ -48,7 +48,7 @@ def test_bf16_autocast_embeddings_stay_close_to_fp32():
 
 def test_bf16_training_step_follows_the_fp32_gradient():
     """ViT-B/32 with random weights, the bf16 CPU training path as train.py runs it (frozen weights stored in bf16,
-    attention in bf16, QuickGELU's scales in the MLP's products): every trainable tensor's update points where fp32's does.
+    attention in bf16, the fused QuickGELU backward): every trainable tensor's update points where fp32's does.
     InfoNCE, not HMMC: a hinge on the hardest negative can switch negatives under any rounding."""
     import argparse
     import copy
