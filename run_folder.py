@@ -51,9 +51,9 @@ def check_folder(args):
     """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently overwritten."""
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
     if args.resume and "last.pt" not in found:
-        again = "without --resume" + (" and with --overwrite" if found else "")
+        restart = "without --resume" + (" and with --overwrite" if found else "")
         raise runtime.CommandError(f"--resume: no checkpoint at {os.path.join(args.out, 'last.pt')} (the run saved "
-                                   f"nothing to resume): start it {again}", 2)
+                                   f"nothing to resume): start it {restart}", 2)
     if found and not (args.resume or args.overwrite):
         ways = "continue it with --resume, " if "last.pt" in found else ""
         raise runtime.CommandError(f"{args.out} holds a run ({', '.join(found)}): {ways}start another with another "
