@@ -33,9 +33,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import demo
 import recipe
-import released
+from support import demo, released
 from clip_min.transform import CLIP_MEAN, CLIP_STD
 
 DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))  # generated demo datasets

@@ -16,8 +16,7 @@ import adapter
 import clip_min
 import data
 import metrics
-import released
-import runtime
+from support import released, runtime
 
 
 GREEN, GREY, INK = (0, 200, 0), (120, 120, 120), (20, 20, 20)  # the truth's frame and text; other text

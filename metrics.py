@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import clip_min
 import data
-import runtime
+from support import runtime
 
 
 def hit_probability(above, tied, truths, k, ties="expected"):

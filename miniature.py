@@ -18,11 +18,10 @@ import torch
 
 import clip_min
 import data
-import demo
 import losses
 import metrics
-import runtime
 import table as table_py
+from support import demo, runtime
 
 # heads = width // 64; the text width stays above the MRS-Adapter's bottleneck of 64. The 49408 x 128 token
 # embedding is most of the 8.9M parameters; the towers are small enough to train on a CPU in minutes.

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import clip_min
 import data
-import runtime
+from support import runtime
 
 EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MANIFEST, PENDING = "manifest.json", "pending"  # pending/: chunks of a run that has not finished

@@ -31,8 +31,8 @@ import data
 import evaluate
 import losses
 import recipe
-import runtime
 import train
+from support import runtime
 
 # Yuan et al. 2023, ViT-B/32 (i2t R@1/5/10, t2i R@1/5/10, mR). A tuple: a row of the paper's main results table; a
 # number: the mR of its PETL comparison table (VL-Prompt, Convpass, Cross-Modal Adapter and UniAdapter are not

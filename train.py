@@ -31,8 +31,7 @@ import data
 import losses
 import metrics
 import recipe
-import run_folder
-import runtime
+from support import run_folder, runtime
 
 
 def parse_args(argv=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-import runtime
+from support import runtime
 from helpers import make_world, reference_clip
 
 

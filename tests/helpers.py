@@ -15,9 +15,8 @@ from PIL import Image
 
 import adapter
 import clip_min
-import demo
-import runtime
 import train
+from support import demo, runtime
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import adapter
+import baselines
 import clip_min
-import released
+from support import released
 
 # Small enough to be fast, wide enough for the MRS-Adapter's 64-wide bottleneck (1 and 2 attention heads).
 SMALL = clip_min.CLIPConfig(embed_dim=48, image_resolution=32, patch_size=16, vision_width=128, vision_layers=2,
@@ -417,7 +418,7 @@ def test_load_trainable_is_strict():
 
 
 def test_apply_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown method 'mrs_adapter'.*mrs, adapter"):
+    with pytest.raises(ValueError, match="unknown method 'mrs_adapter'.*zeroshot, full, mrs, linear"):
         adapter.apply(small_model(), "mrs_adapter")
     with pytest.raises(ValueError, match="unknown option.*'rnak'.*rank"):
         adapter.apply(small_model(), "lora", rnak=8)
@@ -433,7 +434,7 @@ def test_apply_rejects_bad_arguments():
         adapter.apply(adapter.apply(small_model(), "mrs"), "lora")
     model = small_model()  # a method without a block of its own is named, never taken for another one
     with pytest.raises(ValueError, match="'vpt' is not a block-level method"):
-        adapter.adapted_block(model, model.transformer.resblocks[0], "text", "vpt", {})
+        baselines.adapted_block(model.transformer.resblocks[0], "vpt", {})
 
 
 # The authors' released names -> ours (written out here, independently of released.OFFICIAL_MRS_NAMES).

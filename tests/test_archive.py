@@ -15,12 +15,11 @@ from PIL import Image
 import clip_min
 import data
 import evaluate
-import released
 import table
 import train
-from helpers import MICRO, write_precomp
+from support import released
+from helpers import REPO, MICRO, write_precomp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_image(path, value, size=20):

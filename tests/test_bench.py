@@ -12,17 +12,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import adapter
-import bench
 import clip_min
-import released
-import runtime
 import train
+from benchmarks import bench, released_path
+from support import released, runtime
+from helpers import REPO
 
 
 def test_released_path_matches_ours():
     """Same weights, dropout off: same clean embeddings, same HMMC loss, same adapter gradients after one step."""
     ours = bench.build_ours(bench.TINY, "mrs").eval()
-    baseline = released.ReleasedPath(ours).eval()
+    baseline = released_path.ReleasedPath(ours).eval()
     assert not any(p.requires_grad for p in baseline.clip.parameters())  # the backbone is frozen
     images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
     assert clip_min.trim(tokens).shape[1] < tokens.shape[1]  # ours runs on cut text, the baseline path on all 77 tokens
@@ -98,10 +98,9 @@ def test_a_dying_worker_stops_the_run_with_a_message(failure):
 def test_gpu_check_dry_run(tmp_path):
     """DRY_RUN=1 runs the GPU check's commands on the CPU with a tiny CLIP: every section exits 0 and prints its
     numbers, and its log lands in $OUT."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PE_RSITR_CACHE=str(tmp_path / "demo-data"))
-    done = subprocess.run(["bash", os.path.join(root, "gpu_check.sh")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "all sections passed" in done.stdout

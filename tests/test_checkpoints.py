@@ -22,9 +22,9 @@ import clip_min
 import data
 import evaluate
 import metrics
-import released
-import runtime
+from benchmarks import released_path
 from clip_min import formats
+from support import released, runtime
 from helpers import MICRO, SMALL, reference_clip, save_openai_archive
 
 with warnings.catch_warnings():
@@ -319,7 +319,7 @@ def write_released_training_checkpoint(path, marker):
     ours = adapter.apply(clip_min.build_model(openai.state_dict()), "mrs")
     for p in ours.mrs_adapter.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    baseline = released.ReleasedPath(ours).eval()  # holds the same weights, under the baseline names
+    baseline = released_path.ReleasedPath(ours).eval()  # holds the same weights, under the baseline names
     wrapper = torch.nn.Module()
     wrapper.PE_RSITR = torch.nn.Module()
     wrapper.PE_RSITR.model = copy.deepcopy(baseline.clip).half()

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import data
-import demo
+from support import demo
 
 
 def test_demo_is_deterministic_and_readable(tmp_path):

@@ -22,12 +22,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import run_folder
-import runtime
 import train
-from helpers import make_world
+from support import run_folder, runtime
+from helpers import REPO, make_world
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 
 

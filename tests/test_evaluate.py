@@ -16,8 +16,8 @@ import adapter
 import clip_min
 import evaluate
 import metrics
-import runtime
 import train
+from support import runtime
 from helpers import MICRO, make_world
 
 # OpenAI's published preprocessing constants.

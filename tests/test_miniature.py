@@ -8,11 +8,10 @@ import torch
 import adapter
 import clip_min
 import data
-import demo
 import metrics
 import miniature
-import runtime
 import table
+from support import demo, runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 

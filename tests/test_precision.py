@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import clip_min
 import metrics
-import runtime
+from support import runtime
 from helpers import VIT_B_32, reference_clip
 
 

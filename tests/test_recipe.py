@@ -11,10 +11,9 @@ import torch
 
 import adapter
 import clip_min
-import demo
 import losses
-import runtime
 import train
+from support import demo, runtime
 from helpers import MICRO
 from helpers import REPO, initial_trainable, max_change, read_metrics, run, trainable
 

@@ -19,10 +19,9 @@ import adapter
 import clip_min
 import data
 import retrieve
-from helpers import MICRO, make_world
+from helpers import REPO, MICRO, make_world
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -8,7 +8,7 @@ import torch
 
 import adapter
 import clip_min
-import runtime
+from support import runtime
 from helpers import MICRO
 
 
@@ -16,7 +16,8 @@ from helpers import MICRO
 def test_freed_memory_is_reused_without_page_faults():
     """After keep_freed_memory, a large tensor freed and allocated again costs no page faults (before: one per page)."""
     code = """if True:
-        import resource, torch, runtime
+        import resource, torch
+        from support import runtime
         def faults():
             x = torch.ones(2 ** 25); del x  # 128 MB: above glibc's largest mmap threshold
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

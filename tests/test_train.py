@@ -13,10 +13,10 @@ import torch
 import adapter
 import clip_min
 import data
-import metrics
 import losses
-import runtime
+import metrics
 import train
+from support import runtime
 from helpers import (MICRO, REPO, args_for, initial_trainable, interrupted, max_change, read_metrics,
                      released_generate_random_samples, run, trainable)
 

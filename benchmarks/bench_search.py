@@ -23,7 +23,7 @@ from PIL import Image
 import adapter
 import clip_min
 import retrieve
-import runtime
+from support import runtime
 
 
 def cpu_name():

@@ -12,7 +12,7 @@ import torch.nn as nn
 import adapter
 import clip_min
 
-DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-clip.pt")
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "mini-clip.pt")
 # A CLIP small enough to train from scratch on a CPU, for the demo when no pretrained checkpoint is at hand.
 TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
                                 text_width=128, text_layers=4)

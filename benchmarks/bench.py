@@ -28,9 +28,9 @@ import adapter
 import clip_min
 import data
 import recipe
-import released
-import runtime
 import train
+from benchmarks import released_path
+from support import runtime
 
 FLOPS_NOTE = ("useful FLOPs: analytic matmul FLOPs of what a step needs, the forward of the clean and augmented "
               "views of both encoders (text cut to the batch's longest caption, attention over all token pairs) "
@@ -124,7 +124,7 @@ def prepare(path, opts, batch):
     test_tokens = torch.cat([test_tokens] * data.CAPTIONS_PER_IMAGE)
     test_cut, length = clip_min.trim(test_tokens), clip_min.trim(tokens).shape[1]  # ours reads cut text
     if path == "released":
-        model = released.ReleasedPath(model, fp16=device.type == "cuda")
+        model = released_path.ReleasedPath(model, fp16=device.type == "cuda")
         optimizer = torch.optim.Adam(model.adapter.parameters(), lr=recipe.LR)
         train_fn = lambda: model.step(optimizer, images, tokens)  # noqa: E731
         encode_fn = lambda: (model.encode_image(test_images, 0.0), model.encode_text(test_tokens, 0.0))  # noqa: E731
@@ -346,7 +346,7 @@ def run_all(opts, config, device, report, say):
     paths = ("released", "ours") if baseline else ("ours",)
     if baseline:
         ours = build_ours(config, "mrs").to(device)
-        diffs = report["max_abs_diff"] = max_differences(ours, released.ReleasedPath(ours), *inputs(config, 4, device, 2))
+        diffs = report["max_abs_diff"] = max_differences(ours, released_path.ReleasedPath(ours), *inputs(config, 4, device, 2))
         say("same weights, eval mode, fp32: max |ours - released| of the clean embeddings: image {image:.2e}, "
             "text {text:.2e}".format(**diffs))
         if max(diffs.values()) > 1e-3:

@@ -17,7 +17,7 @@ except ImportError:  # Windows: run folders are not locked
 import torch
 import torch.distributed as dist
 
-import runtime
+from support import runtime
 
 
 def save_atomically(obj, path):

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 import clip_min
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small CLIP at 224 px: decoding and memory, not the model, are what is measured.
 SMALL = clip_min.CLIPConfig(embed_dim=64, image_resolution=224, patch_size=32, vision_width=128, vision_layers=1,
                             text_width=128, text_layers=1)
@@ -120,7 +120,7 @@ def table_runs(root, env):
 def demo_decode_seconds(env_root):
     """Seconds to decode the demo's three splits once (what each table cell after the first no longer does)."""
     import data
-    import runtime
+    from support import runtime
     name, root = data.prepare_dataset("demo", env_root)
     resolution = clip_min.load(runtime.DEMO_CLIP)[0].visual.input_resolution if os.path.isfile(runtime.DEMO_CLIP) \
         else runtime.TINY_CLIP.image_resolution

@@ -3,10 +3,10 @@
 # the GPU's dense bf16 peak, bench.PEAK_TFLOPS), then one-epoch demo trainings in bf16 and in fp16. About 5-8
 # minutes on an H100/H200; every section has its own time limit so that the whole stays under ten.
 #
-#   bash gpu_check.sh               # on the GPU machine; logs in $OUT if set, else gpu-check-logs/
-#   DRY_RUN=1 bash gpu_check.sh     # the same commands on the CPU with a tiny CLIP, in seconds (tests/test_bench.py)
+#   bash benchmarks/gpu_check.sh               # on the GPU machine; logs in $OUT if set, else gpu-check-logs/
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh     # the same commands on the CPU with a tiny CLIP, in seconds (tests/test_bench.py)
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: the commands run from there
 PY=${PYTHON:-python}
 LOGS=${OUT:-gpu-check-logs}
 mkdir -p "$LOGS"
@@ -38,8 +38,8 @@ section() {  # name, time limit in seconds, command...: its output goes to the s
 
 "$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$LOGS/machine.log"
-section bench-eager "${LIMIT[0]}" "$PY" bench.py "${BENCH[@]}"
-section bench-compiled "${LIMIT[1]}" "$PY" bench.py "${BENCH[@]}" "${COMPILED[@]}"
+section bench-eager "${LIMIT[0]}" "$PY" -m benchmarks.bench "${BENCH[@]}"
+section bench-compiled "${LIMIT[1]}" "$PY" -m benchmarks.bench "${BENCH[@]}" "${COMPILED[@]}"
 for amp in bf16 fp16; do
   section "train-demo-$amp" "${LIMIT[2]}" "$PY" train.py --dataset demo --epochs 1 --amp "$amp" --out "$LOGS/run-$amp" "${DEMO[@]}"
 done
