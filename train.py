@@ -12,13 +12,13 @@ continues it, --overwrite replaces it), and one process at a time trains in it (
 current step ends, last.pt is saved, the resume command is said.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch._dynamo  # noqa: F401  (before any process group: imported later, by DDP, it leaves gloo threads behind)
@@ -165,13 +165,43 @@ def set_rng_states(states):
         torch.cuda.set_rng_state(states["cuda"])  # this process's device, set before the resume
 
 
-def start(args, session):
-    """The processes (torchrun's, or just this one), the device, the precision, the run folder held (session.lock),
-    and a run with its model and data."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if distributed:
+@dataclasses.dataclass
+class Run:
+    """A training run: its settings, its processes, the model and its data, the optimiser and what the loop keeps."""
+    args: argparse.Namespace
+    session: run_folder.Session
+    device: torch.device
+    model: nn.Module
+    encoder: nn.Module  # the clean and augmented views in one pass (adapter.ViewsEncoder), maybe DDP- and compiled
+    splits: dict  # {part: (images, tokens, image_of_caption)}
+    optimizer: torch.optim.Optimizer | None  # None: zero-shot, nothing trains
+    scaler: torch.amp.GradScaler
+    best_mr: float = -1.0
+    saved_at: float = dataclasses.field(default_factory=time.time)
+    metrics_file: object = None
+
+    @property
+    def rank(self):
+        return self.session.rank
+
+    @property
+    def world(self):
+        return self.session.world
+
+    @property
+    def distributed(self):
+        return self.session.world > 1
+
+    @property
+    def steps(self):
+        return len(self.splits["train"][1]) // self.args.batch_size
+
+
+def start_processes(session):
+    """torchrun's processes (or just this one) and this process's device."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        session.rank, session.world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -179,45 +209,61 @@ def start(args, session):
     else:
         device = torch.device("cpu")
         runtime.keep_freed_memory()
-    session.rank, session.world = rank, world
-    if rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
+    if session.rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
         sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def choose_precision(args, device, world):
     args.amp = args.amp or runtime.default_amp(device, say=log)
     if args.amp == "fp16" and device.type == "cpu":
         log("--amp fp16 on a CPU: emulated, usually slower than --amp off (fp16 is for GPUs without bf16)")
     if args.batch_size % world:
         raise runtime.CommandError(f"--batch-size {args.batch_size} must be divisible by the {world} processes", 2)
-    run_folder.hold_folder(args, session, distributed)
-    if args.dataset == "demo":
-        log(f"demo: the synthetic dataset is in {args.data_root or data.DEMO_ROOT} (generated there on first use)")
 
-    splits = read_splits(args, rank)
-    torch.manual_seed(args.seed)
-    check_batch_size(args, len(splits["train"].captions))  # before the backbone (maybe a download) and decoding
+
+def build_model(args, device):
+    """The frozen backbone with the method attached, its frozen weights kept in the autocast precision."""
     backbone = runtime.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
     model = adapter.apply(backbone, args.method).to(device)
     runtime.keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
-    splits = decode(splits, model.visual.input_resolution, args)
-    if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
-        splits["train"] = (splits["train"][0].to(device), *splits["train"][1:])
+    return model
+
+
+def build_encoder(model, args, device, distributed):
+    """The module the steps call: both views in one pass, under DDP across processes, compiled if asked."""
     encoder = adapter.ViewsEncoder(model)
     if distributed and any(p.requires_grad for p in model.parameters()):  # zero-shot has nothing to synchronise
         # Full fine-tuning trains CLIP's temperature, which only InfoNCE uses: DDP must expect it to get no gradient.
         encoder = nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=args.method == "full" and args.loss != "infonce")
-    if args.compile:
-        encoder = torch.compile(encoder, mode=args.compile)
-    torch.manual_seed(args.seed + rank)  # the same weights everywhere (above), but each process its own dropout
+    return torch.compile(encoder, mode=args.compile) if args.compile else encoder
+
+
+def start(args, session):
+    """The processes, the precision, the run folder held (session.lock), the data read and checked, the model, the
+    data decoded, the optimiser: a Run ready to fit."""
+    device = start_processes(session)
+    choose_precision(args, device, session.world)
+    run_folder.hold_folder(args, session)
+    if args.dataset == "demo":
+        log(f"demo: the synthetic dataset is in {args.data_root or data.DEMO_ROOT} (generated there on first use)")
+    splits = read_splits(args, session.rank)
+    torch.manual_seed(args.seed)
+    check_batch_size(args, len(splits["train"].captions))  # before the backbone (maybe a download) and decoding
+    model = build_model(args, device)
+    splits = decode(splits, model.visual.input_resolution, args)
+    if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
+        splits["train"] = (splits["train"][0].to(device), *splits["train"][1:])
+    encoder = build_encoder(model, args, device, session.world > 1)
+    torch.manual_seed(args.seed + session.rank)  # the same weights everywhere (above), but each process its own dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    return SimpleNamespace(
-        args=args, rank=rank, world=world, distributed=distributed, device=device, model=model, encoder=encoder,
-        splits=splits, steps=len(splits["train"][1]) // args.batch_size,
-        optimizer=torch.optim.Adam(params, lr=args.lr) if params else None,  # None: zero-shot, nothing trains
-        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
-        best_mr=-1.0, saved_at=time.time(), metrics_file=None)
+    session.deferred = bool(params)  # a signal waits for the step's end only where there is something to save
+    return Run(args, session, device, model, encoder, splits, torch.optim.Adam(params, lr=args.lr) if params else None,
+               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"))
 
 
 def resume(run):
@@ -405,7 +451,7 @@ def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
     where = f"after epoch {epoch + 1}" if step == run.steps else f"at epoch {epoch + 1}, step {step}"
     raise runtime.Interrupted(f"stopped by {signal.Signals(asked[0]).name} {where}: "
                               f"{os.path.join(run.args.out, 'last.pt')} saved. Continue with: "
-                              f"{run_folder.again(run.args, run.session)}", asked[0])
+                              f"{run_folder.resume_command(run.args, run.session)}", asked[0])
 
 
 def fit(run):
@@ -432,18 +478,16 @@ def fit(run):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    session = SimpleNamespace(argv=argv, rank=0, world=1, lock=None, deferred=False, signum=None)
+    session = run_folder.Session(argv)
     with run_folder.stop_on_signals(session):
         try:
-            run = start(args, session)
-            run.session, session.deferred = session, run.optimizer is not None  # zero-shot: nothing to save
-            result = fit(run)
+            result = fit(start(args, session))
         except KeyboardInterrupt as e:  # runtime.Interrupted included
             if e.args:  # stop_if_asked's: saved, and said
                 raise
             kept = "last.pt holds the last save" if os.path.isfile(os.path.join(args.out, "last.pt")) else \
                 "nothing saved"
-            raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {run_folder.again(args, session)}",
+            raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {run_folder.resume_command(args, session)}",
                                       getattr(e, "signum", signal.SIGINT)) from None
         finally:
             run_folder.release_folder(session.lock)

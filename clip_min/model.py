@@ -3,12 +3,11 @@
 Every parameter carries the name it has in OpenAI's state_dict, so a released checkpoint loads with
 strict=True and no renaming. Two deliberate differences from OpenAI's clip/model.py, neither of which
 changes a result: tensors are batch-first [batch, tokens, width], and attention goes through
-scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel). In bf16/fp16 two
-computations are arranged for speed, equal to the formulas up to that precision's rounding: attention in a CPU
-training step (spelled_out_attention) and QuickGELU's backward (QuickGELUWithFusedBackward).
+scaled_dot_product_attention instead of nn.MultiheadAttention (same parameters, fused kernel). In bf16/fp16 training,
+attention (on CPUs) and QuickGELU's backward take the faster forms of fast_paths.py, equal to the formulas up to that
+precision's rounding.
 """
 import dataclasses
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import fast_paths
 
 
 @dataclass
@@ -37,71 +38,17 @@ class CLIPConfig:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
-class QuickGELUWithFusedBackward(torch.autograd.Function):
-    """quick_gelu, differentiated in one pass: its derivative is silu'(1.702 x), one torch kernel, where autograd
-    through the formula takes five element-wise passes and keeps two tensors instead of one. It rounds differently
-    from autograd's chain of passes, hence bf16/fp16 only."""
-
-    @staticmethod
-    def forward(ctx, x):
-        z = 1.702 * x  # kept for the backward instead of x: the same size, and one pass fewer there
-        ctx.save_for_backward(z)
-        return x * torch.sigmoid(z)  # quick_gelu(x), the same operations
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad, z)
-
-
 class QuickGELU(nn.Module):
     """The GELU approximation OpenAI trained CLIP with; the exact GELU would change every output."""
 
     def forward(self, x):
-        # fp32 keeps autograd's derivative of the formula, so fp32 training gives the same numbers bit for bit.
-        fused = x.requires_grad and x.dtype in (torch.bfloat16, torch.float16)
-        return QuickGELUWithFusedBackward.apply(x) if fused else quick_gelu(x)
+        if fast_paths.fused_quick_gelu(x):  # bf16/fp16 training: the same formula, a one-pass backward
+            return fast_paths.QuickGELUWithFusedBackward.apply(x)
+        return x * torch.sigmoid(1.702 * x)
 
 
 # Part of the architecture, not of the weights: a state_dict cannot tell which one a model was trained with.
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
-
-
-def spelled_out_attention(qkv):
-    """Whether attention is computed as softmax(q k^T / sqrt(d) + mask) v between two batched matrix products in
-    the products' precision (attention_by_matmul) rather than by scaled_dot_product_attention: in a CPU training
-    step under bf16/fp16. There torch's fused kernel has a slow backward for CLIP's short sequences, and its unfused
-    one casts q, k and v to fp32 by default, checks its softmax rows for all -inf and builds the causal mask at every
-    call; torch.compile traces the same three plain kernels (it would lower scaled_dot_product_attention to the fused
-    one). fp32, inference and GPUs keep torch's kernel. The two differ by rounding only."""
-    return qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
-
-
-def causal_bias(tokens, dtype, device):
-    """0 on and below the diagonal, -inf above: added to the scores, it hides later tokens. No row is all -inf, so
-    softmax needs no guard. Eager calls build it once per shape; a compiled graph builds it inside, where it fuses."""
-    return (_causal_bias.__wrapped__ if torch.compiler.is_compiling() else _causal_bias)(tokens, dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _causal_bias(tokens, dtype, device):
-    return torch.full((tokens, tokens), float("-inf"), dtype=dtype, device=device).triu(1)
-
-
-def attention_by_matmul(qkv, causal):
-    """qkv: [batch, tokens, 3, heads, dim] -> [batch, tokens, heads * dim]."""
-    batch, tokens, _, heads, dim = qkv.shape
-    # One copy puts q, k and v head-major, where each head's rows are contiguous for the batched products.
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, tokens, dim).unbind(0)
-    # The scale rides in the product (alpha), in its backward too; with beta=0 the bias is not read.
-    bias = causal_bias(tokens, q.dtype, q.device) if causal else q.new_zeros(1, 1, 1)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1 if causal else 0, alpha=dim ** -0.5)
-    out = torch.bmm(scores.softmax(dim=-1), v)
-    return out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
 class Attention(nn.Module):
@@ -119,8 +66,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, tokens, 3, self.heads, -1)
         # The text encoder is causal: token t sees tokens <= t, which is also why text can be cut to
         # the batch's longest caption without changing the feature read at the end token.
-        if spelled_out_attention(qkv):
-            return self.out_proj(attention_by_matmul(qkv, self.causal))
+        if fast_paths.spelled_out_attention(qkv):  # CPU bf16/fp16 training: two products around a softmax
+            return self.out_proj(fast_paths.attention_by_matmul(qkv, self.causal))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # unbind, not qkv[i]: its backward stacks the three gradients
         out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))

@@ -2,6 +2,7 @@
 (--overwrite), never overwritten silently; one process at a time trains in it (<out>/.lock); files are replaced
 atomically; Ctrl-C or SIGTERM lets the step end and be saved, and the command that goes on is said."""
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -18,6 +19,18 @@ import torch
 import torch.distributed as dist
 
 from support import runtime
+
+
+@dataclasses.dataclass
+class Session:
+    """What keeping a run folder needs to know of this command: its arguments as typed (for the command that goes
+    on), this process among torchrun's, the folder's lock, and a stop asked by a signal."""
+    argv: list
+    rank: int = 0
+    world: int = 1
+    lock: object = None  # the open <out>/.lock while rank 0 holds the folder
+    deferred: bool = False  # a signal waits for the step's end (a run that has something to save)
+    signum: int | None = None  # the signal that asked to stop
 
 
 def save_atomically(obj, path):
@@ -103,7 +116,7 @@ def release_folder(lock):
         lock.close()
 
 
-def hold_folder(args, session, distributed):
+def hold_folder(args, session):
     """Rank 0 holds --out (session.lock); its verdict is every process's, so that none waits for a refused run."""
     verdict = [None]
     if session.rank == 0:
@@ -115,7 +128,7 @@ def hold_folder(args, session, distributed):
                 check_folder(args)
         except (runtime.CommandError, OSError) as e:
             verdict = [(str(e.code if isinstance(e, SystemExit) else e), getattr(e, "status", 1))]
-    if distributed:
+    if session.world > 1:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
         raise runtime.CommandError(*verdict[0])
@@ -149,7 +162,7 @@ def stop_on_signals(session):
             signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
-def again(args, session):
+def resume_command(args, session):
     """The command that goes on with the run in --out, as typed: --resume once a last.pt is there."""
     argv, saved = list(session.argv), os.path.isfile(os.path.join(args.out, "last.pt"))
     if saved:

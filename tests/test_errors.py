@@ -273,7 +273,7 @@ def test_a_signal_saves_and_says_the_resume_command(world, tmp_path, signum):
 
 def test_a_second_signal_stops_at_once():
     """While a run can save, the first Ctrl-C only asks; the second raises at once."""
-    session = SimpleNamespace(deferred=True, signum=None, rank=1)
+    session = run_folder.Session([], rank=1, deferred=True)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever pytest inherited
     try:
         with run_folder.stop_on_signals(session):

@@ -93,7 +93,7 @@ def test_not_a_vit_checkpoint_is_a_clear_error():
 
 def test_quick_gelu_forward_is_the_formula_and_backward_its_derivative():
     """The forward is x * sigmoid(1.702 x) bit for bit; the fused backward is the formula's derivative."""
-    fused = clip_min.model.QuickGELUWithFusedBackward.apply
+    fused = clip_min.fast_paths.QuickGELUWithFusedBackward.apply
     x = torch.linspace(-8, 8, 4001, dtype=torch.float64).requires_grad_()
     grad = torch.randn(x.shape, dtype=torch.float64)
     ours, formula = fused(x), x * torch.sigmoid(1.702 * x)
@@ -116,19 +116,19 @@ def test_quick_gelu_fuses_its_backward_in_bf16_and_fp16_only():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["image", "text"])
 def test_spelled_out_attention_is_scaled_dot_product_attention(causal):
-    """In float64 the spelled-out attention (clip_min.model.attention_by_matmul) equals torch's kernel, forward and
+    """In float64 the spelled-out attention (clip_min.fast_paths.attention_by_matmul) equals torch's kernel, forward and
     backward; the causal mask is built once per shape."""
     torch.manual_seed(0)
     qkv = torch.randn(3, 7, 3, 2, 64, dtype=torch.float64, requires_grad=True)  # [batch, tokens, q|k|v, heads, dim]
     grad = torch.randn(3, 7, 128, dtype=torch.float64)
-    ours = clip_min.model.attention_by_matmul(qkv, causal)
+    ours = clip_min.fast_paths.attention_by_matmul(qkv, causal)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     torchs = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(3, 7, 128)
     torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(*(torch.autograd.grad(out, qkv, grad)[0] for out in (ours, torchs)),
                                rtol=1e-12, atol=1e-12)
-    bias = clip_min.model.causal_bias(7, torch.float64, qkv.device)
-    assert bias is clip_min.model.causal_bias(7, torch.float64, qkv.device)
+    bias = clip_min.fast_paths.causal_bias(7, torch.float64, qkv.device)
+    assert bias is clip_min.fast_paths.causal_bias(7, torch.float64, qkv.device)
 
 
 def test_attention_kernel_follows_the_step():
@@ -150,7 +150,7 @@ def test_attention_kernel_follows_the_step():
     assert len(graphs) == 2
     assert any("baddbmm" in t for t in graphs[0]) and not any("scaled_dot_product" in t for t in graphs[0])
     assert any("scaled_dot_product" in t for t in graphs[1])
-    qkv, spelled = torch.randn(2, 5, 3, 2, 64), clip_min.model.spelled_out_attention
+    qkv, spelled = torch.randn(2, 5, 3, 2, 64), clip_min.fast_paths.spelled_out_attention
     assert spelled(qkv.bfloat16()) and spelled(qkv.half()) and not spelled(qkv)
     with torch.inference_mode():
         assert not spelled(qkv.bfloat16())

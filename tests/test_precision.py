@@ -188,7 +188,7 @@ def test_cpu_training_attention_kernel(amp, monkeypatch):
     step()  # builds the causal mask once
     ops = OpNames()
     chosen = step(ops=ops)
-    monkeypatch.setattr(clip_min.model, "spelled_out_attention", lambda qkv: False)  # torch's kernels, to compare
+    monkeypatch.setattr(clip_min.fast_paths, "spelled_out_attention", lambda qkv: False)  # torch's kernels, to compare
     kernels = {"default": step(), "math in bf16": step(math_attention_in_bf16),
                "fused": step(lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))}
     if amp == "off":
