@@ -318,7 +318,7 @@ def _read_named(name, root, split, seed):
     return names, groups, anomalies
 
 
-def load_split(name, root, split, seed=2, csv=None):
+def load_split(name, root, split, seed=recipe.SEED, csv=None):
     """Read split "train", "val", "trainval" or "test" of dataset `name` (rsitmd, rsicd, ucm, demo, any <name>
     under `root`, or the path of a .csv/.tsv archive read with CsvOptions `csv`); `seed` draws the validation split
     where the files do not label one (the paper's 2)."""
@@ -508,7 +508,7 @@ def decode_cache_choice(args):
     return False if getattr(args, "no_decode_cache", False) else getattr(args, "decode_cache", None)
 
 
-def describe(split, context_length=77):
+def split_report(split, context_length=77):
     """Lines on one split: counts, the histogram of captions per image, captions the context cuts, exact ties."""
     from clip_min.tokenizer import default_tokenizer
     tokenizer = default_tokenizer()
@@ -542,7 +542,8 @@ def main(argv=None):
                                 "image, captions the context cuts, exact ties, images dropped; errors exit 1.")
     p.add_argument("dataset", help="rsitmd, rsicd, ucm, demo, a <name> under --data-root, or a .csv/.tsv file")
     p.add_argument("--data-root", help="[data; demo: its cache]")
-    p.add_argument("--seed", type=int, default=2, help="draws the validation split where the files label none [2]")
+    p.add_argument("--seed", type=int, default=recipe.SEED,
+                   help=f"draws the validation split where the files label none [{recipe.SEED}]")
     add_arguments(p, decode=False)
     args = p.parse_args(argv)
     try:
@@ -554,7 +555,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     print(f"{args.dataset}:")
     for split in splits:
-        print("\n".join(describe(split)))
+        print("\n".join(split_report(split)))
     both = set(splits[0].image_paths + splits[1].image_paths) & set(splits[2].image_paths)
     print(f"images in both training and test splits: {len(both)}")
 

@@ -177,7 +177,7 @@ def parse_args(argv=None):
     return args, p
 
 
-def read_checkpoint(args, p):
+def checkpoint_to_score(args, p):
     """The train.py checkpoint to score ({} for zero-shot and for the authors' checkpoints) and its run's train.py
     arguments; --dataset and --data-root default to that run's."""
     state = {}
@@ -188,7 +188,7 @@ def read_checkpoint(args, p):
         if not args.checkpoint:
             args.checkpoint = latest_run()
             print(f"checkpoint: {args.checkpoint} (the newest best.pt under runs/; --checkpoint chooses another)")
-        state = runtime.read_checkpoint(args.checkpoint)
+        state = runtime.read_run_checkpoint(args.checkpoint)
     saved = state.get("args", {})
     args.dataset = args.dataset or saved.get("dataset") or p.error("--dataset is needed without a checkpoint")
     args.data_root = args.data_root or saved.get("data_root")
@@ -208,7 +208,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         runtime.keep_freed_memory()
-    state, saved = read_checkpoint(args, p)
+    state, saved = checkpoint_to_score(args, p)
     name, root = data.prepare_dataset(args.dataset, args.data_root)
     # Before the backbone: a missing dataset is said before a download. The archive options default to the run's.
     split = data.load_split(name, root, "test", csv=data.csv_options(args, saved))

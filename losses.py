@@ -1,7 +1,7 @@
 """Retrieval losses: PE-RSITR's HMMC loss and two alternatives, picked by name through one entry point:
 
     total, terms = compute(name, image, text, image_aug=None, text_aug=None, logit_scale=None, image_ids=None,
-                           margin=0.2, weights=(1.0, 1.0, 1.0))
+                           margin=recipe.MARGIN, weights=(1.0, 1.0, 1.0))
 
 name is one of LOSSES; embeddings are [B, D], any scale (every loss works on cosine similarities).
 - "hmmc":    hardest-negative hinge on (image, text) + (image, image_aug) + (text, text_aug), summed over the batch.

@@ -1,8 +1,8 @@
 """The paper in miniature, on a CPU: pretrain a small CLIP on a synthetic "natural" domain, then transfer it to a
 synthetic "remote sensing" domain (the demo dataset) with every method, and print the paper's table.
 
-    python miniature.py pretrain      # ~6 min on 2 cores: writes assets/mini-clip.pt (OpenAI's file format)
-    python miniature.py table         # ~5 min on 2 idle cores: every method x 3 seeds through table.py
+    python miniature.py pretrain      # writes assets/mini-clip.pt (OpenAI's file format); minutes on a CPU
+    python miniature.py table         # every method x 3 seeds through table.py (times: docs/miniature.md)
 
 The natural domain shows houses from the side under a sky, left or right; the remote domain shows buildings from
 above, in four positions ("top" and "bottom" are words the pretraining never saw), with other caption templates.
@@ -22,12 +22,6 @@ import losses
 import metrics
 import table as table_py
 from support import demo, runtime
-
-# heads = width // 64; the text width stays above the MRS-Adapter's bottleneck of 64. The 49408 x 128 token
-# embedding is most of the 8.9M parameters; the towers are small enough to train on a CPU in minutes.
-MINI_CONFIG = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=16, vision_width=192,
-                                  vision_layers=4, text_width=128, text_layers=3)
-
 
 def save_openai_format(model, path):
     """OpenAI's file format: a traced TorchScript archive holding fp16 weights under OpenAI's names."""
@@ -50,13 +44,13 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
     root = root or data.DEMO_ROOT
     name = demo.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
     splits = [data.load_split(name, root, part) for part in ("trainval", "test")]
-    images, test_images = (data.load_images(s.image_paths, MINI_CONFIG.image_resolution, log_every=0) for s in splits)
+    images, test_images = (data.load_images(s.image_paths, demo.MINI_CLIP.image_resolution, log_every=0) for s in splits)
     tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
     per_epoch = len(images) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} training images")
     torch.manual_seed(seed)
-    model = clip_min.CLIP(MINI_CONFIG).train()
+    model = clip_min.CLIP(demo.MINI_CLIP).train()
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices, not gains or biases
     others = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0}],

@@ -44,7 +44,7 @@ THUMBNAIL = 256
 def model_record(args):
     """What made the embeddings, as the index keeps it: the train.py checkpoint (path, sha256) or frozen CLIP, the
     method, the backbone, the activation (None until the model is loaded); and the checkpoint's state."""
-    state = runtime.read_checkpoint(args.checkpoint) if args.checkpoint else {}
+    state = runtime.read_run_checkpoint(args.checkpoint) if args.checkpoint else {}
     clip = args.clip or state.get("clip")  # None with a checkpoint: its run's backbone (the demo's)
     return {"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint),
             "sha256": args.checkpoint and clip_min.download.sha256_of(args.checkpoint),
@@ -57,7 +57,7 @@ def load_model(record, device, amp, state=None):
     """The model an index records; its checkpoint must be the file that was hashed. Under bf16/fp16 its frozen
     weights are stored in that precision once (autocast would cast them again at every query: the same rounding)."""
     if record["checkpoint"] and not state:
-        state = runtime.read_checkpoint(record["checkpoint"])
+        state = runtime.read_run_checkpoint(record["checkpoint"])
         if clip_min.download.sha256_of(record["checkpoint"]) != record["sha256"]:
             raise ValueError(f"{record['checkpoint']} changed since the index was made; index again with --rebuild")
     model = runtime.trained_model(state or {}, device, record["backbone"], record["activation"], record["method"])
@@ -69,11 +69,11 @@ def refuse_another_model(folder, old, record, tile):
     """Embeddings of two models do not compare: an index made with another model (or tiling) is refused."""
     same = all(old["model"][key] == record[key] for key in ("sha256", "method", "backbone"))  # the path may move
     if not same or old["tile"] != tile or record["activation"] not in (None, old["model"]["activation"]):
-        raise ValueError(f"{folder} was made with {describe(old['model'])}, tiles {old['tile']}; this run uses "
-                         f"{describe(record)}, tiles {tile}. Pass the same model, or --rebuild to start over")
+        raise ValueError(f"{folder} was made with {model_label(old['model'])}, tiles {old['tile']}; this run uses "
+                         f"{model_label(record)}, tiles {tile}. Pass the same model, or --rebuild to start over")
 
 
-def describe(record):
+def model_label(record):
     made = f"checkpoint {record['checkpoint']} (sha256 {record['sha256'][:12]})" if record["checkpoint"] else "CLIP"
     return f"{made}, method {record['method']}, backbone {record['backbone']}, activation {record['activation']}"
 

@@ -1,14 +1,15 @@
 """The paper's results table in one command: every dataset found x method x seed through train.py, each run in its
 own folder, then table.md, table.json and table.png: our numbers beside the paper's.
 
-    python table.py --data-root data                     # zero-shot CLIP, full fine-tuning, PE-RSITR; seed 2
+    python table.py --data-root data                     # zero-shot CLIP, full fine-tuning, PE-RSITR; the paper's seed
     python table.py --methods all --seeds 0 1 2          # + every PETL baseline; mean ± std over the seeds
     python table.py --epochs 1 --amp off                 # any other option goes to every train.py run
 
-Hyperparameters: every method trains with PE-RSITR's recipe (train.py's defaults: Adam, lr 2e-4, batch 16, 30 epochs,
-lr x0.7 from epoch 20, HMMC, the checkpoint chosen on validation) and with its own options at adapter.py's defaults:
-the paper states no other values. A stated choice: full fine-tuning takes a tenth of the lr (2e-5), as it moves all
-of CLIP's weights rather than a new small module. Nothing is chosen on the test split.
+Hyperparameters: every method trains with PE-RSITR's recipe (recipe.py, train.py's defaults: Adam, the paper's lr,
+batch size, epochs and decay, HMMC, the checkpoint chosen on validation) and with its own options at their defaults
+(adapter.METHOD_OPTIONS): the paper states no other values. A stated choice: full fine-tuning takes a fraction of the lr
+(recipe.FULL_FINE_TUNING_LR_SCALE), as it moves all of CLIP's weights rather than a new small module. Nothing is
+chosen on the test split.
 Stopped, the same command continues: finished runs are read from their folders (test.json), an interrupted one
 resumes from its last.pt (train.py --resume); a folder recorded with other settings is refused, not mixed in.
 """
@@ -76,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=["main"], metavar="METHOD[:LOSS]",
                    help=f"[main] main ({', '.join(MAIN)}), all (every method of adapter.py), or methods of "
                         f"{', '.join(adapter.METHODS)}, with the loss after a colon [hmmc]")
-    p.add_argument("--seeds", type=int, nargs="+", default=[2], help="[2, the paper's]")
-    p.add_argument("--lr", type=float, help="[train.py's: 2e-4, demo 1e-3]; full fine-tuning: a tenth of it")
+    p.add_argument("--seeds", type=int, nargs="+", default=[recipe.SEED], help=f"[{recipe.SEED}, the paper's]")
+    p.add_argument("--lr", type=float, help=f"[train.py's: {recipe.LR:g}, demo {recipe.DEMO['lr']:g}]; full "
+                   f"fine-tuning: x{recipe.FULL_FINE_TUNING_LR_SCALE:g}")
     p.add_argument("--out", default=os.path.join("runs", "table"),
                    help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
     data.add_arguments(p, decode=False)  # the decode-cache options go on to train.py with the other options

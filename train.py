@@ -209,7 +209,7 @@ def start_processes(session):
     else:
         device = torch.device("cpu")
         runtime.keep_freed_memory()
-    if session.rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat its lines
+    if session.rank != 0:  # one process speaks for all: the others' prints (data loading, repairs) would repeat
         sys.stdout = open(os.devnull, "w")
     return device
 

@@ -30,15 +30,13 @@ import data
 import recipe
 import train
 from benchmarks import released_path
-from support import runtime
+from support import demo, runtime
 
 FLOPS_NOTE = ("useful FLOPs: analytic matmul FLOPs of what a step needs, the forward of the clean and augmented "
               "views of both encoders (text cut to the batch's longest caption, attention over all token pairs) "
               "plus its backward as input gradients only (frozen weights: 1x the weight products, 2x the attention "
               "products, for every block but the first, whose input needs no gradient); the method's own small "
               "products are not counted. Encoding: the forward only. Both paths' times divide the same count.")
-TINY = clip_min.CLIPConfig(embed_dim=64, image_resolution=64, patch_size=16, vision_width=128, vision_layers=2,
-                           text_width=128, text_layers=2)  # for tests: every code path, in seconds
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense bf16
 WORDS = ("many planes white buildings green trees are parked in near the airport harbor river beside a large "
          "parking lot with several cars boats storage tanks and roads on both sides of dense residential area").split()
@@ -112,9 +110,9 @@ def peak_mb(device):
     return peak
 
 
-def prepare(path, opts, batch):
+def timed_parts(path, opts, batch):
     """One path at one batch size: {part: (step function, unit, items per step, useful FLOPs per step)}."""
-    device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
+    device, config = torch.device(opts.device), demo.MINI_CLIP if opts.tiny else clip_min.CLIPConfig()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     if device.type == "cpu":
         runtime.keep_freed_memory()  # as train.py does, here for both paths: the allocator is the process's
@@ -148,13 +146,13 @@ def prepare(path, opts, batch):
     return model, parts
 
 
-def serve(conn, path, opts, batch):
+def time_in_worker(conn, path, opts, batch):
     """A worker process holding one path: for each part, warm up, then time it each time the parent asks.
 
     Encoding first: its peak memory is read before training's larger one (the allocator keeps freed memory).
     """
     device = torch.device(opts.device)
-    model, parts = prepare(path, opts, batch)
+    model, parts = timed_parts(path, opts, batch)
     conn.send(list(parts))
     for part, (fn, unit, items, flops) in parts.items():
         model.train(part == "train")
@@ -180,7 +178,7 @@ def run(paths, opts, batch):
     context, workers = get_context("spawn"), {}
     for path in paths:
         conn, child = context.Pipe()
-        process = context.Process(target=serve, args=(child, path, opts, batch), daemon=True)
+        process = context.Process(target=time_in_worker, args=(child, path, opts, batch), daemon=True)
         process.start()
         child.close()  # the worker's end, now the worker's alone: its death then ends the parent's recv()
         workers[path] = (process, conn)
@@ -253,7 +251,7 @@ CATEGORIES = (("matrix products", ("mm", "addmm", "bmm", "baddbmm", "mkldnn_conv
 def profile(opts, batch, say):
     """Shares of our step's and encoding's time (self time of aten ops, 3 calls each) by op category."""
     from torch.profiler import ProfilerActivity
-    model, parts = prepare("ours", opts, batch)
+    model, parts = timed_parts("ours", opts, batch)
     report = {}
     for part, (fn, *_) in parts.items():
         model.train(part == "train")
@@ -292,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--profile", action="store_true", help="instead of timing: where our step's and encoding's time "
                    "goes, by op category (torch.profiler)")
-    p.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/32 (tests)")
+    p.add_argument("--tiny", action="store_true", help="the demo's mini CLIP shape instead of ViT-B/32 (tests, dry runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     opts = p.parse_args(argv)
     for name, on_cpu, on_cuda in (("batch_sizes", [16], [16, 128]), ("warmup", 1, 5), ("iters", 1, 20),
@@ -322,7 +320,7 @@ def describe_machine(device, opts, report, say):
 
 def main(argv=None):
     opts = parse_args(argv)
-    device, config = torch.device(opts.device), TINY if opts.tiny else clip_min.CLIPConfig()
+    device, config = torch.device(opts.device), demo.MINI_CLIP if opts.tiny else clip_min.CLIPConfig()
     say = (lambda *a: None) if opts.json else (lambda *a: print(*a, flush=True))
     opts.amp = opts.amp or runtime.default_amp(device, say=say)
     report = dict(vars(opts), model="tiny" if opts.tiny else "ViT-B/32", threads=torch.get_num_threads(),

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, one script: bench.py at batch 16 and 128, eager and compiled with CUDA graphs (eff = MFU against
-# the GPU's dense bf16 peak, bench.PEAK_TFLOPS), then one-epoch demo trainings in bf16 and in fp16. About 5-8
-# minutes on an H100/H200; every section has its own time limit so that the whole stays under ten.
+# the GPU's dense bf16 peak, bench.PEAK_TFLOPS), then one-epoch demo trainings in bf16 and in fp16. Every section
+# has its own time limit, so that the whole stays under ten minutes of a lent GPU's time.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine; logs in $OUT if set, else gpu-check-logs/
-#   DRY_RUN=1 bash benchmarks/gpu_check.sh     # the same commands on the CPU with a tiny CLIP, in seconds (tests/test_bench.py)
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh     # the same commands on the CPU with the mini CLIP (tests/test_bench.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."  # the repository root: the commands run from there
 PY=${PYTHON:-python}

@@ -20,7 +20,7 @@ class UnreadableFile(pickle.UnpicklingError, ValueError):
     A ValueError for callers that report bad inputs, an UnpicklingError for those that expect the unpickler's."""
 
 
-def describe(path):
+def why_unreadable(path):
     """What a file that failed to read looks like, for the message: cut short, text, or of some other kind."""
     with open(path, "rb") as f:
         head = f.read(4096)
@@ -41,7 +41,7 @@ def _unloadable(path, error):
         return ("holds objects other than tensors (a pickled model, options or code), refused since loading them "
                 "would run code from the file (a checkpoint of the authors' released code? evaluate.py "
                 "--official-checkpoint reads those)")
-    return describe(path)
+    return why_unreadable(path)
 
 
 def torch_load(path):
@@ -207,7 +207,7 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise UnreadableFile(f"{path} is not a zip file written by torch.save (files of torch < 1.6 are not read): "
-                             f"it {describe(path)}")
+                             f"it {why_unreadable(path)}")
     with zipfile.ZipFile(path) as archive:
         prefix = _pickle_prefix(archive)
         if prefix is None:

@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+import clip_min
+
+# The demo's CLIP: miniature.py pretrains it into assets/mini-clip.pt; without that file the demo starts from it with
+# random weights. heads = width // 64; the text width stays above the MRS-Adapter's bottleneck of 64. The 49408 x 128
+# token embedding is most of its parameters; the towers are small enough to train on a CPU in minutes.
+MINI_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=16, vision_width=192, vision_layers=4,
+                                text_width=128, text_layers=3)
+
 COLOURS = {"red": (200, 50, 40), "white": (235, 235, 230), "blue": (50, 80, 210), "yellow": (230, 200, 40)}
 GROUNDS = {"meadow": (70, 140, 60), "farmland": (150, 110, 60), "desert": (215, 190, 130)}
 POSITIONS = {"remote": ["left", "right", "top", "bottom"], "natural": ["left", "right"]}

@@ -11,11 +11,10 @@ import torch.nn as nn
 
 import adapter
 import clip_min
+import recipe
+from support import demo
 
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "mini-clip.pt")
-# A CLIP small enough to train from scratch on a CPU, for the demo when no pretrained checkpoint is at hand.
-TINY_CLIP = clip_min.CLIPConfig(embed_dim=128, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
-                                text_width=128, text_layers=4)
 
 
 def load_backbone(clip, dataset, seed, device, activation=None):
@@ -31,11 +30,11 @@ def load_backbone(clip, dataset, seed, device, activation=None):
             clip = DEMO_CLIP
         else:
             torch.manual_seed(seed)
-            return clip_min.CLIP(TINY_CLIP).to(device).eval()
+            return clip_min.CLIP(demo.MINI_CLIP).to(device).eval()
     return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
 
 
-def read_checkpoint(path):
+def read_run_checkpoint(path):
     """A best.pt or last.pt written by train.py: the trained tensors, the method and its options, the run's
     arguments. Another kind of file is refused with the option that reads it."""
     if not os.path.isfile(path):
@@ -66,11 +65,11 @@ def released_checkpoint(path):
 
 
 def trained_model(state, device, clip=None, activation=None, method=None, dataset=None):
-    """The model a train.py checkpoint holds (state: read_checkpoint's), in eval mode: its backbone (or `clip`) with
+    """The model a train.py checkpoint holds (state: read_run_checkpoint's), in eval mode: its backbone (or `clip`) with
     its method and trained weights. Without a state, `method` on the frozen backbone (zeroshot: CLIP itself)."""
     saved = state.get("args", {})
     method = method or state["method"]
-    backbone = load_backbone(clip or state.get("clip"), dataset or saved.get("dataset"), saved.get("seed", 2),
+    backbone = load_backbone(clip or state.get("clip"), dataset or saved.get("dataset"), saved.get("seed", recipe.SEED),
                              device, activation or state.get("activation"))
     options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
     model = adapter.apply(backbone, method, **options).to(device).eval()

@@ -6,12 +6,7 @@ import torch
 
 import data
 from support import runtime
-from helpers import make_world, reference_clip
-
-
-@pytest.fixture
-def reference_factory():
-    return reference_clip
+from helpers import make_world
 
 
 @pytest.fixture

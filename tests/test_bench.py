@@ -15,22 +15,22 @@ import adapter
 import clip_min
 import train
 from benchmarks import bench, released_path
-from support import released, runtime
+from support import demo, released, runtime
 from helpers import REPO
 
 
 def test_released_path_matches_ours():
     """Same weights, dropout off: same clean embeddings, same HMMC loss, same adapter gradients after one step."""
-    ours = bench.build_ours(bench.TINY, "mrs").eval()
+    ours = bench.build_ours(demo.MINI_CLIP, "mrs").eval()
     baseline = released_path.ReleasedPath(ours).eval()
     assert not any(p.requires_grad for p in baseline.clip.parameters())  # the backbone is frozen
-    images, tokens = bench.inputs(bench.TINY, 4, "cpu", seed=3)
+    images, tokens = bench.inputs(demo.MINI_CLIP, 4, "cpu", seed=3)
     assert clip_min.trim(tokens).shape[1] < tokens.shape[1]  # ours runs on cut text, the baseline path on all 77 tokens
 
     diffs = bench.max_differences(ours, baseline, images, tokens)
     assert diffs["image"] < 1e-5 and diffs["text"] < 1e-5
     with torch.no_grad():  # the adapter matters, so the comparison above is not vacuous
-        without = bench.build_ours(bench.TINY, "mrs").eval()
+        without = bench.build_ours(demo.MINI_CLIP, "mrs").eval()
         without.mrs_adapter.requires_grad_(False).image_up.weight.zero_()
         without.mrs_adapter.text_up.weight.zero_()
         assert (without.encode_image(images) - baseline.encode_image(images, 0.0)).abs().max() > 1e-3
@@ -52,13 +52,13 @@ def test_released_path_matches_ours():
 
 def test_useful_flops_match_a_flop_counter():
     """The analytic forward count equals torch's FlopCounterMode on a plain CLIP's encoders."""
-    model = clip_min.CLIP(bench.TINY).eval()
-    images, tokens = bench.inputs(bench.TINY, 3, "cpu")
+    model = clip_min.CLIP(demo.MINI_CLIP).eval()
+    images, tokens = bench.inputs(demo.MINI_CLIP, 3, "cpu")
     tokens = clip_min.trim(tokens)
     # The math backend computes attention with matmuls the counter sees (it skips the fused CPU kernel).
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model.encode_image(images), model.encode_text(tokens)
-    assert bench.useful_flops(bench.TINY, 3, 3, tokens.shape[1], backward=False) == counter.get_total_flops()
+    assert bench.useful_flops(demo.MINI_CLIP, 3, 3, tokens.shape[1], backward=False) == counter.get_total_flops()
 
 
 def test_main_prints_json(capsys):

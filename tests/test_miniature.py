@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 def test_committed_checkpoint_loads_with_the_mini_architecture():
     assert zipfile.is_zipfile(runtime.DEMO_CLIP), "assets/mini-clip.pt must be a TorchScript archive"
     model, preprocess = clip_min.load(runtime.DEMO_CLIP)
-    assert model.config == miniature.MINI_CONFIG
-    assert list(model.state_dict()) == list(clip_min.CLIP(miniature.MINI_CONFIG).state_dict())
+    assert model.config == demo.MINI_CLIP
+    assert list(model.state_dict()) == list(clip_min.CLIP(demo.MINI_CLIP).state_dict())
     # OpenAI's format: the archive itself stores fp16 weights (torch.jit.load is fine on our own file).
     stored = torch.jit.load(runtime.DEMO_CLIP, map_location="cpu").state_dict()
     assert all(v.dtype == torch.float16 for v in stored.values())
@@ -47,7 +47,7 @@ def test_tiny_pretrain_writes_an_archive_that_loads_back(tmp_path):
     model, metrics = run(tmp_path / "a.pt")
     assert set(table.METRICS) <= set(metrics)
     torch.manual_seed(0)
-    initial = clip_min.CLIP(miniature.MINI_CONFIG).state_dict()
+    initial = clip_min.CLIP(demo.MINI_CLIP).state_dict()
     assert not torch.equal(initial["visual.conv1.weight"], model.visual.conv1.weight), "pretraining changed nothing"
 
     loaded = clip_min.load(str(tmp_path / "a.pt"))[0]

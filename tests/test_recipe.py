@@ -180,7 +180,7 @@ def test_fp16_run_scales_its_loss(world, tmp_path):
 
 def test_compiled_run_trains(world, tmp_path, monkeypatch):
     """--compile through train.py: the training steps run through torch.compile with the mode asked for. The backend
-    is swapped for AOTAutograd without Inductor's code generation (which takes 20 to 30 s on 2 CPU cores here):
+    is swapped for AOTAutograd without Inductor's code generation (slow to compile):
     test_train.py's test_compiled_encoder_matches_eager checks Inductor's code against eager PyTorch."""
     modes, real_compile = [], torch.compile
 

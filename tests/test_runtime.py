@@ -8,7 +8,7 @@ import torch
 
 import adapter
 import clip_min
-from support import runtime
+from support import demo, runtime
 from helpers import MICRO
 
 
@@ -39,7 +39,7 @@ def test_demo_backbone_without_the_bundled_checkpoint(monkeypatch, capsys):
     monkeypatch.setattr(runtime, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
     cpu = torch.device("cpu")
     a, b, c = (runtime.load_backbone(None, "demo", seed, cpu) for seed in (2, 2, 3))
-    assert a.config == runtime.TINY_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
+    assert a.config == demo.MINI_CLIP and "randomly initialised tiny CLIP" in capsys.readouterr().out
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.visual.proj, c.visual.proj)
 
@@ -55,7 +55,7 @@ def test_trained_model_rebuilds_the_checkpoints_method_and_weights(tmp_path):
         torch.nn.init.normal_(p, std=0.02)
     torch.save({"trainable": adapter.trainable_state_dict(trained), "method": "mrs", "options": trained.petl_options,
                 "clip": str(clip), "activation": "quick_gelu", "args": {"dataset": "x", "seed": 2}}, tmp_path / "best.pt")
-    state = runtime.read_checkpoint(str(tmp_path / "best.pt"))
+    state = runtime.read_run_checkpoint(str(tmp_path / "best.pt"))
     model = runtime.trained_model(state, torch.device("cpu"))
     assert not model.training and model.mrs_adapter.image_down.out_features == 16
     for name, value in adapter.trainable_state_dict(model).items():
@@ -64,4 +64,4 @@ def test_trained_model_rebuilds_the_checkpoints_method_and_weights(tmp_path):
     assert frozen.petl_method == "zeroshot" and adapter.count_trainable(frozen) == 0
     torch.save(clip_min.CLIP(MICRO).state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
-        runtime.read_checkpoint(str(tmp_path / "weights.pt"))
+        runtime.read_run_checkpoint(str(tmp_path / "weights.pt"))
