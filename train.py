@@ -176,25 +176,10 @@ class Run:
     splits: dict  # {part: (images, tokens, image_of_caption)}
     optimizer: torch.optim.Optimizer | None  # None: zero-shot, nothing trains
     scaler: torch.amp.GradScaler
+    steps: int  # per epoch: the training pairs // the batch size
     best_mr: float = -1.0
     saved_at: float = dataclasses.field(default_factory=time.time)
     metrics_file: object = None
-
-    @property
-    def rank(self):
-        return self.session.rank
-
-    @property
-    def world(self):
-        return self.session.world
-
-    @property
-    def distributed(self):
-        return self.session.world > 1
-
-    @property
-    def steps(self):
-        return len(self.splits["train"][1]) // self.args.batch_size
 
 
 def start_processes(session):
@@ -263,7 +248,7 @@ def start(args, session):
     params = [p for p in model.parameters() if p.requires_grad]
     session.deferred = bool(params)  # a signal waits for the step's end only where there is something to save
     return Run(args, session, device, model, encoder, splits, torch.optim.Adam(params, lr=args.lr) if params else None,
-               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"))
+               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), len(splits["train"][1]) // args.batch_size)
 
 
 def resume(run):
@@ -277,7 +262,7 @@ def resume(run):
                                    "another --out)") from e
     if not (isinstance(state, dict) and {"rng", "optimizer", "trainable"} <= set(state)):
         raise runtime.CommandError(f"{path} is not a last.pt written by train.py: it cannot be resumed")
-    if len(state["rng"]) != run.world:
+    if len(state["rng"]) != run.session.world:
         raise runtime.CommandError(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in
                ("dataset", "method", "loss", "clip", "clip_activation", "batch_size", "seed", "margin",
@@ -287,7 +272,7 @@ def resume(run):
     adapter.load_trainable(run.model, state["trainable"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
-    set_rng_states(state["rng"][run.rank])
+    set_rng_states(state["rng"][run.session.rank])
     epoch, step, run.best_mr = state["epoch"], state["step"], state["best_mR"]
     if step == run.steps:  # a finished epoch, validation included
         epoch, step = epoch + 1, 0
@@ -298,7 +283,7 @@ def resume(run):
 def open_metrics(run, epoch, step):
     """metrics.jsonl, one JSON object per log line (rank 0 only). A resumed run keeps the lines of the steps its
     last.pt holds, so that the log reads as an uninterrupted run's."""
-    if run.rank != 0:
+    if run.session.rank != 0:
         return
     path = os.path.join(run.args.out, "metrics.jsonl")
     if run.args.resume and os.path.isfile(path):
@@ -342,7 +327,7 @@ def score_before_training(run):
 def save(run, epoch, step, improved=False):
     """last.pt, resumable after `step` steps of `epoch` (all of them: validation done too); best.pt if improved."""
     rngs = rng_states()  # every process takes part: each one's generators are gathered
-    if run.rank == 0:
+    if run.session.rank == 0:
         args = run.args
         state = {"trainable": adapter.trainable_state_dict(run.model), "method": args.method,
                  "options": run.model.petl_options, "clip": args.clip, "activation": run.model.config.activation,
@@ -368,10 +353,10 @@ def train_epoch(run, epoch, first_step):
     run.model.train()
     # The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
     order = torch.randperm(len(tokens_all), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-    local = args.batch_size // run.world
+    local = args.batch_size // run.session.world
     started, bad = time.time(), torch.tensor(-1, device=run.device)  # bad: the first step whose loss is not finite
     for step in range(first_step, run.steps):
-        idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.rank * local:(run.rank + 1) * local]
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size][run.session.rank * local:(run.session.rank + 1) * local]
         image_ids = image_of_caption[idx]  # each caption's own image, however many it has
         images = data.normalise(images_all[image_ids.to(images_all.device)].to(run.device, non_blocking=True))
         terms = train_step(run.encoder, run.optimizer, run.scaler, images, tokens_all[idx], image_ids.to(run.device),
@@ -388,11 +373,11 @@ def train_epoch(run, epoch, first_step):
             record(run, {"epoch": epoch + 1, "step": step + 1, "lr": lr, "pairs_per_s": rate, **terms})
             # A mid-epoch save once --save-minutes have passed: rank 0's clock decides for every process.
             due = [step + 1 < run.steps and time.time() - run.saved_at >= 60 * args.save_minutes]
-            if run.distributed:
+            if dist.is_initialized():
                 dist.broadcast_object_list(due, src=0)
             if due[0]:
                 save(run, epoch, step + 1)
-        if (logged or not run.distributed) and step + 1 < run.steps:  # the last step: after validation
+        if (logged or not dist.is_initialized()) and step + 1 < run.steps:  # the last step: after validation
             stop_if_asked(run, epoch, step + 1, lambda: check_finite(bad, epoch, lr))
 
 
@@ -440,7 +425,7 @@ def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
     """After a step (or the evaluation before training, or validation): if a signal asked to stop (rank 0's decides
     for all), save last.pt at (epoch, step) and stop with the command that continues."""
     asked = [run.session.signum]
-    if run.distributed:
+    if dist.is_initialized():
         dist.broadcast_object_list(asked, src=0)
     if asked[0] is None:
         return
@@ -467,10 +452,10 @@ def fit(run):
         validate_and_save(run, epoch)
         stop_if_asked(run, epoch, run.steps, saved=True)
         step = 0
-    result = final_test(run, before.get("test")) if run.rank == 0 else None
+    result = final_test(run, before.get("test")) if run.session.rank == 0 else None
     if run.metrics_file:
         run.metrics_file.close()
-    if run.distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return result
 
