@@ -118,7 +118,7 @@ def attach_prompts(model, method, o):
     if method in ("coop", "vl_prompt"):
         n = o["n_ctx"] if method == "coop" else o["n_text"]
         model.text_prompt = CoOpPrompt(n, text.width, len(model.positional_embedding))
-        if o["deep"]:
+        if o["deep"] and len(text.resblocks) > 1:
             model.transformer = PromptedTransformer(text, normal_prompts(len(text.resblocks) - 1, n, text.width),
                                                     inserts=False)
 

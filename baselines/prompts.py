@@ -38,7 +38,7 @@ class PromptedTransformer(nn.Module):
         for i, block in enumerate(self.resblocks):
             if 0 <= i - first < len(self.prompts):
                 prompts = self.prompts[i - first].to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], prompts, x[:, 1 + (0 if self.inserts and i == 0 else n):]], dim=1)
+                x = torch.cat([x[:, :1], prompts, x[:, 1 + (n if i else 0):]], dim=1)  # the first block: inserted
             x = block(x)
         return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1) if self.inserts else x
 
