@@ -16,19 +16,12 @@ import table
 from clip_min.model import quick_gelu
 from helpers import MICRO
 
+pytestmark = pytest.mark.usefixtures("exact_cpu")  # one thread: the models are tiny
 NEW = ("vl_prompt", "convpass", "cross_modal_adapter", "uniadapter")
 # Unequal depths and widths (3 image layers of 128, 2 text layers of 96) and a 3 x 3 patch grid.
 UNEVEN = clip_min.CLIPConfig(embed_dim=48, image_resolution=48, patch_size=16, vision_width=128, vision_layers=3,
                              text_width=96, text_layers=2)
 CAPTIONS = ["a river beside a road", "two ships", "farmland with a very long road and many small houses"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def frozen_clip(config=UNEVEN, seed=0):
