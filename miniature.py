@@ -1,8 +1,10 @@
 """The paper in miniature, on a CPU: pretrain a small CLIP on a synthetic "natural" domain, then transfer it to a
 synthetic "remote sensing" domain (the demo dataset) with every method, and print the paper's table.
 
-    python miniature.py pretrain      # writes assets/mini-clip.pt (OpenAI's file format); minutes on a CPU
-    python miniature.py table         # every method x 3 seeds through table.py (times: docs/miniature.md)
+    python miniature.py pretrain      # writes assets/mini-clip.pt (OpenAI's file format)
+    python miniature.py table         # every method of adapter.METHODS x 3 seeds through table.py
+
+Their times on a CPU and the table's output: docs/miniature.md.
 
 The natural domain shows houses from the side under a sky, left or right; the remote domain shows buildings from
 above, in four positions ("top" and "bottom" are words the pretraining never saw), with other caption templates.

@@ -1,4 +1,5 @@
 """The miniature: the committed mini CLIP, the pretraining's OpenAI-format output, and its table through table.py."""
+import copy
 import math
 import zipfile
 
@@ -77,3 +78,20 @@ def test_table_is_table_py_on_the_demo_with_every_method(monkeypatch, tmp_path):
     assert args.datasets == ["demo"] and args.seeds == [0, 1] and args.lr == 1e-3 and args.out == str(tmp_path)
     assert sorted(args.rows) == sorted([(m, "hmmc") for m in adapter.METHODS] + [("mrs", "infonce")])
     assert forwarded == ["--clip", runtime.DEMO_CLIP, "--epochs", "2"]
+
+
+def test_every_method_runs_on_the_mini_clip(exact_cpu):
+    """The mini CLIP's encoders differ in depth (4 image, 3 text layers) and width: every method of its table attaches
+    and encodes there, and the methods that start as frozen CLIP do."""
+    torch.manual_seed(0)
+    base = clip_min.CLIP(miniature.MINI_CONFIG).eval()
+    images, tokens = torch.randn(2, 3, 64, 64), clip_min.tokenize(["a roof at the top", "a field"])
+    with torch.no_grad():
+        frozen = base.encode_image(images), base.encode_text(tokens)
+    for method in adapter.METHODS:
+        model = adapter.apply(copy.deepcopy(base), method)
+        with torch.no_grad():
+            ours = model.encode_image(images), model.encode_text(tokens)
+        assert all(a.shape == b.shape and torch.isfinite(a).all() for a, b in zip(ours, frozen)), method
+        if method in ("adapter", "adaptformer", "convpass", "uniadapter", "lora", "mrs"):
+            assert all(torch.equal(a, b) for a, b in zip(ours, frozen)), method

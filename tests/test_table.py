@@ -203,21 +203,23 @@ def test_summarise_mean_std_and_the_papers_numbers():
         for k in METRICS:
             assert row["mean"][k] == pytest.approx(np.mean([m[k] for m in runs]))
             assert row["std"][k] == pytest.approx(np.std([m[k] for m in runs], ddof=1))
-    # The paper: all seven numbers of PE-RSITR on RSICD, CoOp's mR on UCM from the PETL table, nothing for a loss
-    # or a method or a dataset it did not report.
+    # The paper: all seven numbers of PE-RSITR on RSICD and of CoOp on UCM, nothing for a loss or a method or a
+    # dataset it did not report.
     assert rows[0]["paper"] == dict(zip(METRICS, [14.13, 31.51, 44.78, 11.63, 33.92, 50.73, 31.12]))
-    assert rows[1]["paper"] == {"mR": 44.95}
-    assert rows[1]["diff"] == {"mR": pytest.approx(rows[1]["mean"]["mR"] - 44.95)}
+    coop = dict(zip(METRICS, [7.19, 42.76, 74.19, 9.78, 48.34, 87.41, 44.95]))
+    assert rows[1]["paper"] == coop
+    assert rows[1]["diff"] == {k: pytest.approx(rows[1]["mean"][k] - v) for k, v in coop.items()}
     assert rows[2]["paper"] == rows[3]["paper"] == {}
     assert rows[4]["std"]["mR"] == 0.0 and rows[4]["paper"]["mR"] == 33.08
 
     lines = table.markdown(rows, total_params=10_000).splitlines()
     assert len(lines) == 2 + len(rows)
-    assert lines[2].startswith("| rsicd | PE-RSITR (MRS-Adapter + HMMC) | hmmc | 1,000 (10.00%) |")
+    assert lines[2].startswith("| rsicd | PE-RSITR (MRS-Adapter + HMMC) | hmmc | 1,000 (10.00%; paper 0.16M) |")
+    assert "| 1,000 (10.00%) |" in lines[5]  # LoRA: not in the paper
     mean, std, diff = rows[0]["mean"]["mR"], rows[0]["std"]["mR"], rows[0]["diff"]["mR"]
     assert lines[2].endswith(f"| {mean:.2f} ± {std:.2f} (31.12, {diff:+.2f}) |")
     assert "(" not in lines[5].split("|", 5)[-1]  # no paper numbers: ours alone
-    assert lines[6].startswith("| ucm | Zero-shot CLIP | - | 0 (0.00%) |") and "±" not in lines[6]
+    assert lines[6].startswith("| ucm | Zero-shot CLIP | - | 0 (0.00%; paper 0.00M) |") and "±" not in lines[6]
 
 
 def colour_pixels(path, colour):
@@ -263,3 +265,43 @@ def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left
                                                  "cell 1/1: 80/160 pairs at 40.0 pairs/s"]
     cell.state = "resume"
     assert table.begin(cell) == "resuming: 80 of 160 pairs trained, 80 to go"
+
+
+def test_the_papers_rows_and_their_marks():
+    """Every CLIP-based row of the paper's three tables, in the paper's order, with its parameter count; exactly two
+    printed mR values are not the mean of their recalls (RSITMD AdaptFormer, UCM Cross-Modal Adapter)."""
+    methods = ["zeroshot", "linear", "full", "coop", "vpt", "vl_prompt", "adapter", "clip_adapter", "convpass",
+               "adaptformer", "cross_modal_adapter", "uniadapter", "mrs"]
+    assert list(table.PAPER) == ["rsicd", "rsitmd", "ucm"]
+    assert all(list(rows) == methods and all(len(v) == 7 for v in rows.values()) for rows in table.PAPER.values())
+    assert [m for m in table.NAMES if m in methods] == methods and set(table.PAPER_PARAMS) == set(methods)
+    off = {(d, m): table.misprinted_mr(dict(zip(METRICS, v))) for d, rows in table.PAPER.items()
+           for m, v in rows.items() if table.misprinted_mr(dict(zip(METRICS, v))) is not None}
+    assert off == {("rsitmd", "adaptformer"): pytest.approx(34.51, abs=0.005),
+                   ("ucm", "cross_modal_adapter"): pytest.approx(53.35, abs=0.005)}
+
+    result = dict(dataset="rsitmd", method="adaptformer", loss="hmmc", seed=2, params=1000,
+                  metrics={k: 30.0 for k in METRICS})
+    lines = table.markdown(table.summarise([result]), total_params=10_000).splitlines()
+    assert lines[2].startswith("| rsitmd | AdaptFormer | hmmc | 1,000 (10.00%; paper 0.17M) |")
+    assert lines[2].endswith("| 30.00 (34.81*, -4.81) |")
+    assert lines[4] == "* rsitmd AdaptFormer: the paper prints mR 34.81; the mean of its six recalls is 34.51."
+
+
+def test_readme_results_table_is_table_paper():
+    """The README's copy of the paper's numbers says what table.PAPER and table.PAPER_PARAMS say, row for row."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        section = f.read().split("## The paper's results", 1)[1].split("\n## ", 1)[0]
+    keys = {**{name: m for m, name in table.NAMES.items()}, table.PE_RSITR: "mrs"}
+    rows, params, marked = {}, {}, set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] in ("dataset", "---"):
+            continue
+        dataset, method = cells[0].lower(), keys[cells[1]]
+        rows.setdefault(dataset, {})[method] = tuple(float(c.rstrip("*")) for c in cells[3:])
+        params.setdefault(method, set()).add(cells[2])
+        marked |= {(dataset, method)} if cells[-1].endswith("*") else set()
+    assert rows == table.PAPER and list(rows["ucm"]) == list(table.PAPER["ucm"])
+    assert params == {m: {count} for m, count in table.PAPER_PARAMS.items()}
+    assert marked == {("rsitmd", "adaptformer"), ("ucm", "cross_modal_adapter")}
