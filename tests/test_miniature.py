@@ -84,7 +84,7 @@ def test_every_method_runs_on_the_mini_clip(exact_cpu):
     """The mini CLIP's encoders differ in depth (4 image, 3 text layers) and width: every method of its table attaches
     and encodes there, and the methods that start as frozen CLIP do."""
     torch.manual_seed(0)
-    base = clip_min.CLIP(miniature.MINI_CONFIG).eval()
+    base = clip_min.CLIP(demo.MINI_CLIP).eval()
     images, tokens = torch.randn(2, 3, 64, 64), clip_min.tokenize(["a roof at the top", "a field"])
     with torch.no_grad():
         frozen = base.encode_image(images), base.encode_text(tokens)
