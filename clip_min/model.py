@@ -38,13 +38,17 @@ class CLIPConfig:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
 class QuickGELU(nn.Module):
     """The GELU approximation OpenAI trained CLIP with; the exact GELU would change every output."""
 
     def forward(self, x):
         if fast_paths.fused_quick_gelu(x):  # bf16/fp16 training: the same formula, a one-pass backward
             return fast_paths.QuickGELUWithFusedBackward.apply(x)
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 # Part of the architecture, not of the weights: a state_dict cannot tell which one a model was trained with.
