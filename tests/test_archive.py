@@ -350,7 +350,7 @@ def test_half_written_or_damaged_cache_files_are_never_read(tmp_path, monkeypatc
     def killed(*a, **k):
         raise KeyboardInterrupt
     os.remove(cache / name)
-    monkeypatch.setattr(data, "open_image", killed)
+    monkeypatch.setattr(data, "read_image", killed)
     with pytest.raises(KeyboardInterrupt):
         data.load_images(paths, 32, workers=1, cache=str(cache))
     assert sorted(os.listdir(cache)) == [f"{name}.999-deadbeef.tmp"]  # no final file, its own tmp removed
@@ -412,7 +412,7 @@ def test_report(tmp_path, capsys):
     assert "identical captions shared by several images (exact ties): 1 texts, 3 captions" in out
     assert "images in both training and test splits: 0" in out
     (tmp_path / "images" / "3.png").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match=r"error: cannot read image .*3.png"):
+    with pytest.raises(ValueError, match=r"pairs.csv line 5: cannot decode image .*3.png"):
         data.main([path])
     proc = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), str(tmp_path / "nothing.csv")],
                           capture_output=True, text=True, timeout=120)

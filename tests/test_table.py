@@ -240,7 +240,7 @@ def test_figure_bars_follow_mr(tmp_path):
 
 def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left(tmp_path, monkeypatch):
     """The watcher says nothing new while nothing new was logged (validation, a slow step); a resumed cell's first
-    line says what is done and what is left, not its whole length."""
+    line says what its last.pt holds and what is left, not its whole length."""
     log = tmp_path / "a" / "metrics.jsonl"
     log.parent.mkdir()
     log.write_text(json.dumps({"epoch": 1, "step": 5, "pairs_per_s": 40.0}) + "\n")
@@ -261,5 +261,6 @@ def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left
     table.watch(cell, [cell], {}, "cell 1/1", say, stop)
     assert [line.split(";")[0] for line in said] == ["cell 1/1: 40/160 pairs at 40.0 pairs/s",
                                                  "cell 1/1: 80/160 pairs at 40.0 pairs/s"]
-    cell.state = "resume"
-    assert table.begin(cell) == "resuming: 80 of 160 pairs trained, 80 to go"
+    cell.state = "resume"  # stopped by a signal at step 13 of 20, between progress lines: what last.pt holds counts
+    torch.save({"epoch": 0, "step": 13, "trainable": {}}, tmp_path / "a" / "last.pt")
+    assert table.begin(cell) == "resuming: 104 of 160 pairs trained, 56 to go"
