@@ -390,6 +390,8 @@ def prepare_dataset(name, root=None):
     """The (name, root) to read `name` from. The demo is first generated into `root` (default: the demo cache) unless
     it is there already, then read like RSITMD; any other dataset is read from `root` (default: data/); a CSV/TSV
     archive needs no root."""
+    if not name:
+        raise ValueError("the dataset's name is empty: name one (rsitmd, rsicd, ucm, demo, ...) or a .csv/.tsv file")
     if name == "demo":
         root = root or DEMO_ROOT
         return demo.make_demo(root), root
@@ -499,7 +501,11 @@ def load_images(paths, resolution=224, workers=8, cache=None, log_every=1000):
     path, shape = os.path.join(folder, _cache_name(paths, resolution)), (len(paths), 3, resolution, resolution)
     array = _read_cache(path, shape)
     if array is None:
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"the decode cache folder {folder} cannot be made ({e.strerror}): choose another with "
+                          f"--decode-cache (or ${DECODE_CACHE_ENV}), or decode in memory with --no-decode-cache") from e
         tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

@@ -162,7 +162,8 @@ def parse_args(argv=None):
                                   "[the checkpoint's]")
     p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS),
                    help="the backbone's MLP activation [the checkpoint's, else what the file records, else QuickGELU]")
-    p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
+    p.add_argument("--method", choices=adapter.METHODS, help="[the checkpoint's]; zeroshot evaluates frozen CLIP "
+                   "without a checkpoint")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
                    help="[a GPU: the run's; a CPU: bf16 where it has bf16 units, else off]")
     p.add_argument("--visualize", type=int, default=0, metavar="K",
@@ -235,9 +236,12 @@ def main(argv=None):
     print(metrics.tie_bounds(sim, scores, split.image_of_caption) or "no exact ties at any query's truth")
     checkpoint = args.checkpoint or args.official_checkpoint
     out = result_path(args, checkpoint, saved)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"dataset": args.dataset, "method": method, "checkpoint": checkpoint, **scores}, f, indent=1)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"dataset": args.dataset, "method": method, "checkpoint": checkpoint, **scores}, f, indent=1)
+    except OSError as e:
+        raise OSError(f"--out {os.path.dirname(out)}: cannot write {os.path.basename(out)} there ({e.strerror})") from e
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"

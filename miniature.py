@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import shlex
+import tempfile
 import time
 import warnings
 
@@ -117,9 +118,22 @@ def parse_args(argv=None):
         p.error(f"--seed must be between 0 and 2^32 - 1, got {args.seed}")
     if args.command == "pretrain" and os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder: name the file to write")
+    if args.command == "pretrain" and not writable(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: cannot write there")
     if args.command == "table" and args.epochs < 1:
         t.error(f"--epochs must be at least 1, got {args.epochs}")
     return vars(args)
+
+
+def writable(folder):
+    """Whether a file can be made in folder (a folder not there yet is made when the file is saved)."""
+    if not os.path.isdir(folder):
+        return True
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
 
 
 def main(argv=None):

@@ -415,6 +415,10 @@ def make_table(args, forwarded):
     with torch.device("meta"):  # counts only: shapes without memory
         params = {m: adapter.count_trainable(adapter.apply(clip_min.CLIP(config), m)) for m, _ in args.rows}
         total_params = sum(p.numel() for p in clip_min.CLIP(config).parameters())
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {args.out}: cannot write there ({e.strerror})") from e
     run_cells(cells)
     rows = write(args, cells, params, total_params, skipped)
     print(f"{time.time() - started:.0f}s; written to {args.out}: table.md, table.json, table.png")

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, any <name> found in --data-root, "
-                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format)")
+                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format) [%(default)s]")
     p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
     p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="[%(default)s]")
@@ -83,6 +83,10 @@ def parse_args(argv=None):
 def check_values(p, args):
     """Each impossible value refused in one line that names its flag, before any data is read or model loaded
     (else Adam refuses it, the run trains on nan, or no step runs)."""
+    for flag, what in (("--dataset", "a dataset"), ("--clip", "a model or file"), ("--out", "a folder"),
+                       ("--data-root", "a folder")):
+        if getattr(args, flag[2:].replace("-", "_")) == "":
+            p.error(f"{flag} is empty: name {what}, or leave the option out for its default")
     for flag, value, least in (("--batch-size", args.batch_size, 2), ("--epochs", args.epochs, 1),
                                ("--log-every", args.log_every, 1), ("--lr-decay-epoch", args.lr_decay_epoch, 1),
                                ("--workers", args.workers, 1)):

@@ -163,6 +163,40 @@ def test_checkpoint_options_and_precision(trained, tmp_path, monkeypatch):
     assert seen == ["off"]
 
 
+def test_a_checkpoint_is_scored_from_another_folder(trained, tmp_path, monkeypatch, capsys):
+    """A run trained with paths relative to its folder (--clip clip.pt, --data-root .) names its backbone by absolute
+    path and SHA-256: evaluate.py started from another folder rebuilds the same model and scores the run's numbers.
+    The backbone moved: said, with the option that finds it; --clip with the moved file scores the same. Scored on
+    another copy of the data, the result has its own file: the run's test_eval.json stays as it was."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    for name in (f"{trained.name}_precomp", f"{trained.name}_images"):
+        shutil.copytree(os.path.join(trained.root, name), home / name)
+    shutil.copy(trained.clip, home / "clip.pt")
+    monkeypatch.chdir(home)
+    train.main(["--dataset", trained.name, "--data-root", ".", "--clip", "clip.pt", "--workers", "1", "--epochs", "1",
+                "--batch-size", "8", "--out", "run"])
+    best, expected = home / "run" / "best.pt", json.loads((home / "run" / "test.json").read_text())
+    assert torch.load(best, weights_only=True)["backbone"]["file"] == str(home / "clip.pt")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def scored(*extra, name="test_eval.json"):
+        evaluate.main(["--checkpoint", str(best), "--workers", "1", *extra])
+        return {k: v for k, v in json.loads((home / "run" / name).read_text()).items() if k in expected}
+    assert scored() == expected
+    os.rename(home / "clip.pt", home / "moved.pt")
+    with pytest.raises(FileNotFoundError, match=r"backbone, .*home/clip.pt \(sha256 \w+...\), is not there any more"):
+        scored()
+    capsys.readouterr()
+    assert scored("--clip", str(home / "moved.pt")) == expected and "note:" not in capsys.readouterr().out
+    own = (home / "run" / "test_eval.json").read_text()
+    shutil.copytree(home / f"{trained.name}_images", tmp_path / "copy" / f"{trained.name}_images")
+    shutil.copytree(home / f"{trained.name}_precomp", tmp_path / "copy" / f"{trained.name}_precomp")
+    assert scored("--clip", str(home / "moved.pt"), "--data-root", str(tmp_path / "copy"),
+                  name=f"test_eval-{trained.name}.json") == expected
+    assert (home / "run" / "test_eval.json").read_text() == own
+
+
 def test_no_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no trained run"):

@@ -2,6 +2,8 @@
 a killed table continues to the same table; a changed setting is refused; the statistics and the figure."""
 import json
 import os
+import shlex
+import signal
 import threading
 from types import SimpleNamespace
 
@@ -152,6 +154,45 @@ def test_a_changed_setting_is_refused(world, tmp_path, monkeypatch):
     (stray / "test.json").write_text("{}")
     with pytest.raises(SystemExit, match="did not record"):
         run("--seeds", "5")
+
+
+def test_a_stopped_table_says_its_own_command_and_what_was_saved(world, tmp_path, monkeypatch, capsys):
+    """SIGTERM during a cell's 13th step, between progress lines (every 50 steps): the cell saves that step and the
+    stop says the table's command, never the cell's train.py; started again, the cell resumes from what it saved."""
+    out, real_step, calls = tmp_path / "table", train.train_step, []
+    argv = ["--datasets", world.name, "--data-root", world.root, "--clip", world.clip, "--out", str(out), "--methods",
+            "mrs", *TRAIN, "--log-every", "50"]
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the step ends and is saved
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        table.main(argv)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.args[0] == (
+        f"cell 1/1 {world.name} mrs-hmmc s2 stopped (104 of 160 pairs saved): finished cells are kept, an "
+        f"interrupted one resumes from its last save. Continue with: {shlex.join(['python', 'table.py', *argv])}")
+    monkeypatch.setattr(train, "train_step", real_step)
+    capsys.readouterr()
+    table.main(argv)
+    assert "cell 1/1 demo_natural mrs-hmmc s2: resuming: 104 of 160 pairs trained, 56 to go" in capsys.readouterr().out
+
+
+def test_a_zero_shot_cell_ignores_what_only_training_reads(world, tmp_path, monkeypatch):
+    """A zero-shot cell trains nothing: other epochs, lr, batch size or margin leave it done; another precision,
+    which its scores depend on, is refused."""
+    def run(*extra):
+        return table.main(["--datasets", world.name, "--data-root", world.root, "--clip", world.clip, "--out",
+                           str(tmp_path), "--methods", "zeroshot", *TRAIN, *extra])
+
+    rows = run()
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"ran a finished zero-shot cell again: {argv}"))
+    assert run("--epochs", "2", "--lr", "1e-3", "--batch-size", "4", "--margin", "0.3") == rows
+    with pytest.raises(SystemExit, match="amp 'off' -> 'bf16'"):
+        run("--amp", "bf16")
 
 
 def test_progress_lines_from_metrics_jsonl(tmp_path, monkeypatch):
