@@ -39,7 +39,7 @@ from clip_min.transform import CLIP_MEAN, CLIP_STD
 
 DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))  # generated demo datasets
 DECODE_CACHE_ENV = "PE_RSITR_DECODE_CACHE"  # a folder for decoded splits, or "off" [<DEMO_ROOT>/decoded]
-DECODE_VERSION = "rgb8-short-side-bicubic-center-crop-1"  # part of every cache key: change it when pixels change
+DECODE_VERSION = "8bit-short-side-bicubic-center-crop-then-rgb-2"  # part of every cache key: change it when pixels change
 CAPTIONS_PER_IMAGE = 5  # the precomp files of the paper's datasets; reading pads or cuts those images to five
 ARCHIVE_SUFFIXES = (".csv", ".tsv")
 SPLIT_VALUES = ("train", "val", "test")  # of a CSV's split column
@@ -67,6 +67,7 @@ class Split:
     anomalies: dict = field(default_factory=dict)  # what reading had to repair or drop, by kind
     image_of_caption: list = None  # the image index of each caption [None: equal groups in image order]
     note: str = ""  # how the split was drawn, when the files did not say
+    origins: list = None  # where each image is listed ("pairs.csv line 7"), for messages [None: its path says it]
 
     def __post_init__(self):
         if self.image_of_caption is None:
@@ -221,24 +222,38 @@ def _csv_rows(path, options):
 
 
 def _read_archive(path, options):
-    """{image path: [split label, captions, first line]} of a CSV/TSV archive, in first-appearance order (rows of
-    one image need not be adjacent); every image file checked."""
+    """{image path: [split label, captions, first line, duplicate rows]} of a CSV/TSV archive, in first-appearance
+    order (rows of one image need not be adjacent); a row repeating an image's caption word for word is dropped and
+    counted; every image file checked."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"archive file not found: {path}")
     images = {}
     for image, label, caption, line in _csv_rows(path, options):
-        entry = images.setdefault(image, [label, [], line])
+        entry = images.setdefault(image, [label, [], line, 0])
         if entry[0] != label:  # one image in two splits would leak test images into training
             raise ValueError(f"{path} line {line}: image {image} is in split {label!r} here but {entry[0]!r} at "
                              f"line {entry[2]}")
-        entry[1].append(caption)
-    for image, (_, _, line) in images.items():
+        if caption in entry[1]:  # the same pair twice would count twice in training and in the recalls
+            entry[3] += 1
+        else:
+            entry[1].append(caption)
+    for image, (_, _, line, _) in images.items():
         if not os.path.isfile(image):
             raise FileNotFoundError(f"{path} line {line}: image {image} not found (paths are read relative to "
                                     f"the CSV file's folder, or absolute)")
         if os.path.getsize(image) == 0:
             raise ValueError(f"{path} line {line}: image {image} is an empty file (0 bytes)")
     return images
+
+
+def _too_few_images(path, images, split):
+    """The error for an archive with no `split` images: how many it has, how they are labelled, what it needs."""
+    labels = Counter(entry[0] or "without a split label" for entry in images.values())
+    return ValueError(f"{path} has no {split} images: its {len(images)} image(s) ("
+                      f"{', '.join(f'{n} {label}' for label, n in labels.items())}) cannot make a training, a "
+                      "validation and a test split. An archive needs 3 images at the least (test, then validation "
+                      "are drawn, each a fifth of what is left, where its split column labels none), or rows "
+                      "labelled train, val and test")
 
 
 def _draw(paths, seed, part):
@@ -313,9 +328,27 @@ def _read_named(name, root, split, seed):
         names, groups = _read_karpathy(karpathy, split)
         groups = _non_empty([[c.strip() for c in caps] for caps in groups], anomalies)
     else:
-        raise FileNotFoundError(f"dataset {name!r} not found under {root}: looked for the precomp folder {precomp} "
-                                f"and the Karpathy JSON file {karpathy}. {SOURCES}")
+        raise FileNotFoundError(_misnamed_dataset(name) or f"dataset {name!r} not found under {root}: looked for the "
+                                f"precomp folder {precomp} and the Karpathy JSON file {karpathy}. {SOURCES}")
     return names, groups, anomalies
+
+
+def _misnamed_dataset(name):
+    """What to pass instead of a --dataset that is a path (a folder, a Karpathy JSON file), or None."""
+    path = os.path.normpath(name)
+    folder, base = os.path.dirname(path) or ".", os.path.basename(path)
+    if os.path.isfile(path) and base.startswith("dataset_") and base.endswith(".json"):
+        return f"--dataset {name} is a file: name the dataset, --dataset {base[8:-5]} --data-root {folder}"
+    if not os.path.isdir(path):
+        return None
+    if base.endswith("_precomp"):
+        found = [(base[:-len("_precomp")], folder)]
+    else:
+        found = sorted((n[:-len("_precomp")], path) for n in os.listdir(path) if n.endswith("_precomp")) + sorted(
+            (n[8:-5], path) for n in os.listdir(path) if n.startswith("dataset_") and n.endswith(".json"))
+    way = (f"--dataset {found[0][0]} --data-root {found[0][1]}" if found else "its name with --data-root <the folder "
+           "holding <name>_precomp/ or dataset_<name>.json>, or a .csv/.tsv file of image-caption pairs")
+    return f"--dataset {name} is a folder: a dataset is named and looked up under --data-root; pass {way}"
 
 
 def load_split(name, root, split, seed=recipe.SEED, csv=None):
@@ -324,26 +357,28 @@ def load_split(name, root, split, seed=recipe.SEED, csv=None):
     where the files do not label one (the paper's 2)."""
     if split not in ("train", "val", "trainval", "test"):
         raise ValueError(f"split must be 'train', 'val', 'trainval' or 'test', got {split!r}")
-    note = ""
+    note, origins = "", None
     if is_archive(name):
         images = _read_archive(name, csv or CsvOptions())
         parts, note = _archive_parts(name, images, seed)
         paths, groups = parts[split], [images[p][1] for p in parts[split]]
-        anomalies = dict(images_dropped=0)
+        if not paths:
+            raise _too_few_images(name, images, split)
+        anomalies = dict(images_dropped=0, duplicate_rows=sum(images[p][3] for p in paths))
+        origins = [f"{name} line {images[p][2]}" for p in paths]
     else:
         names, groups, anomalies = _read_named(name, root, split, seed)
         paths = names
     keep = [i for i, caps in enumerate(groups) if caps]
     anomalies["images_dropped"] += len(groups) - len(keep)  # RSITMD's train file: four images, only empty captions
     if not keep:
-        raise ValueError(f"dataset {name!r}{'' if is_archive(name) else f' under {root}'} has no {split} images "
-                         "with captions")
+        raise ValueError(f"dataset {name!r} under {root} has no {split} images with captions")
     paths, groups = [paths[i] for i in keep], [groups[i] for i in keep]
     if not is_archive(name):
         folder = _image_folder(name, root, paths, split)
         paths = [os.path.join(folder, n) for n in paths]
     result = Split(name, split, paths, [c for caps in groups for c in caps], anomalies,
-                   [i for i, caps in enumerate(groups) for _ in caps], note)
+                   [i for i, caps in enumerate(groups) for _ in caps], note, origins)
     if any(anomalies.values()):
         print(f"repaired while reading: {result.summary()}")
     if note and split == "test":
@@ -355,6 +390,8 @@ def prepare_dataset(name, root=None):
     """The (name, root) to read `name` from. The demo is first generated into `root` (default: the demo cache) unless
     it is there already, then read like RSITMD; any other dataset is read from `root` (default: data/); a CSV/TSV
     archive needs no root."""
+    if not name:
+        raise ValueError("the dataset's name is empty: name one (rsitmd, rsicd, ucm, demo, ...) or a .csv/.tsv file")
     if name == "demo":
         root = root or DEMO_ROOT
         return demo.make_demo(root), root
@@ -364,40 +401,55 @@ def prepare_dataset(name, root=None):
 # ---------------------------------------------------------------- images
 
 
-def open_image(path):
-    """Decode an image file to an 8-bit RGB PIL image (16-bit, single-channel, palette and alpha files included)."""
+class UndecodableImage(ValueError):
+    """An image file that cannot be decoded; `path` names it, for the message that says where it is listed."""
+
+    def __init__(self, path, message):
+        super().__init__(message)
+        self.path = path
+
+
+def read_image(path):
+    """Decode an image file to 8 bits per channel in its own mode (RGB, L, P, RGBA, LA, ...), as OpenAI's
+    preprocessing receives it; 16-bit, 32-bit and float data become 8-bit greyscale (PIL would clip them)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"cannot decode image {path}: an empty file (0 bytes)")
+        raise UndecodableImage(path, f"cannot decode image {path}: an empty file (0 bytes)")
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-                a = np.asarray(image)
-                if image.mode != "F" and a.min() >= 0 and a.max() <= 65535:
-                    # 16-bit data: keep the high byte, a fixed map that keeps brightness comparable across images
-                    # (as Pillow does for 16-bit RGB TIFFs); convert() would clip, a per-image stretch inflate noise.
-                    a = (a.astype(np.uint32) >> 8).astype(np.uint8)
-                else:  # float or 32-bit data have no full scale to divide by: use the actual range
-                    a = a.astype(np.float64) - a.min()
-                    a = (a * (255 / max(a.max(), 1e-12))).round().astype(np.uint8)
-                image = Image.fromarray(a)
-            if "A" in image.getbands() or "transparency" in image.info:
-                # Composite onto black (the usual no-data value) rather than expose whatever lies under alpha 0.
-                rgba = image.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-            return image.convert("RGB")
+            if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+                return image
+            a = np.asarray(image)
+            if image.mode != "F" and a.min() >= 0 and a.max() <= 65535:
+                # 16-bit data: keep the high byte, a fixed map that keeps brightness comparable across images
+                # (as Pillow does for 16-bit RGB TIFFs); convert() would clip, a per-image stretch inflate noise.
+                a = (a.astype(np.uint32) >> 8).astype(np.uint8)
+            else:  # float or 32-bit data have no full scale to divide by: use the actual range
+                a = a.astype(np.float64) - a.min()
+                a = (a * (255 / max(a.max(), 1e-12))).round().astype(np.uint8)
+            return Image.fromarray(a)
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+        raise UndecodableImage(path, f"cannot decode image {path}: {e}") from e
+
+
+def open_image(path):
+    """Decode an image file to an 8-bit RGB PIL image: the colour channels as stored, an alpha channel dropped (as
+    OpenAI's preprocessing converts), palette and single-channel files expanded, 16-bit ones as read_image."""
+    return read_image(path).convert("RGB")
 
 
 def cache_images(paths, resolution=224, workers=8, log_every=1000, out=None):
-    """Decode every image once in CLIP's geometry (short side to `resolution`, bicubic; center crop) into a uint8
-    tensor [N, 3, r, r] (RSITMD at 224: ~0.65 GB), or into `out` (a numpy array of that shape, e.g. a memory map)."""
+    """Decode every image once in CLIP's geometry into a uint8 tensor [N, 3, r, r] (RSITMD at 224: ~0.65 GB), or
+    into `out` (a numpy array of that shape, e.g. a memory map). OpenAI's order: short side to `resolution` (bicubic,
+    in the file's own mode, as PIL resamples it: alpha premultiplied, a palette nearest-neighbour), center crop,
+    then RGB."""
     def load(path):  # in a worker thread: PIL decodes and resizes outside the GIL
-        image = TF.resize(open_image(path), resolution, TF.InterpolationMode.BICUBIC)
-        return np.array(TF.center_crop(image, resolution)).transpose(2, 0, 1)
+        image = TF.center_crop(TF.resize(read_image(path), resolution, TF.InterpolationMode.BICUBIC), resolution)
+        return np.array(image.convert("RGB")).transpose(2, 0, 1)
     target = np.empty((len(paths), 3, resolution, resolution), np.uint8) if out is None else out
     step = 64 * max(1, workers)  # a bounded window: decoded images never pile up ahead of the copy
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -449,7 +501,11 @@ def load_images(paths, resolution=224, workers=8, cache=None, log_every=1000):
     path, shape = os.path.join(folder, _cache_name(paths, resolution)), (len(paths), 3, resolution, resolution)
     array = _read_cache(path, shape)
     if array is None:
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"the decode cache folder {folder} cannot be made ({e.strerror}): choose another with "
+                          f"--decode-cache (or ${DECODE_CACHE_ENV}), or decode in memory with --no-decode-cache") from e
         tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -463,6 +519,20 @@ def load_images(paths, resolution=224, workers=8, cache=None, log_every=1000):
         print(f"decoded {len(paths)} images once into {path}", flush=True)
         array = _read_cache(path, shape)
     return torch.from_numpy(array)
+
+
+def decode_split(split, resolution, workers=8, cache=None, log_every=1000):
+    """load_images of a split; an image that cannot be decoded is said with where the split lists it."""
+    try:
+        return load_images(split.image_paths, resolution, workers, cache, log_every)
+    except UndecodableImage as e:
+        raise _listed(split, e) from None
+
+
+def _listed(split, error):
+    """An UndecodableImage's message led by where the split lists the image (an archive's file and line)."""
+    where = dict(zip(split.image_paths, split.origins or [])).get(error.path)
+    return UndecodableImage(error.path, f"{where}: {error}") if where else error
 
 
 def normalise(images):
@@ -479,12 +549,19 @@ def add_arguments(parser, decode=True):
     group = parser.add_argument_group("a .csv/.tsv --dataset of image-caption pairs, read as open_clip reads it")
     group.add_argument("--csv-img-key", help="the column of image paths [filepath]")
     group.add_argument("--csv-caption-key", help="the column of captions [title]")
-    group.add_argument("--csv-separator", help="[comma for .csv, tab for .tsv; \\t is a tab]")
+    group.add_argument("--csv-separator", type=_csv_separator, help="[comma for .csv, tab for .tsv; \\t is a tab]")
     if decode:
         group = parser.add_argument_group("decoded images")
         group.add_argument("--decode-cache", metavar="DIR", help=f"folder of decoded splits, memory-mapped by later "
                            f"runs [${DECODE_CACHE_ENV}, else $PE_RSITR_CACHE/decoded or ~/.cache/pe-rsitr/decoded]")
         group.add_argument("--no-decode-cache", action="store_true", help="decode into memory, write no cache")
+
+
+def _csv_separator(value):
+    """--csv-separator's value, checked: one character, or \\t (a tab)."""
+    if len(value) != 1 and value != "\\t":
+        raise argparse.ArgumentTypeError(f"one character (\\t: a tab), got {value!r}")
+    return value
 
 
 def csv_options(args, saved=None):
@@ -524,41 +601,57 @@ def split_report(split, context_length=77):
              f"  identical captions shared by several images (exact ties): {len(shared)} texts, "
              f"{sum(c in shared for c in split.captions)} captions",
              "  dropped or repaired: " + (", ".join(f"{k} {n}" for k, n in split.anomalies.items() if n) or "none")]
-    return lines + ([f"  {split.note}"] if split.note else [])
+    return lines
 
 
-def check_headers(split):
-    """Every image file's header read (cheap: no pixels decoded); an unreadable one is an error naming it."""
-    for path in split.image_paths:
+def read_header(path):
+    """An image file's header read, no pixels decoded (cheap); an unreadable one is an UndecodableImage."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UndecodableImage(path, f"cannot read image {path}: {e}") from None
+
+
+def check_images(split, workers, headers_only=False):
+    """Every image of a split decoded as training decodes it (headers_only: its header read); the first that
+    cannot be is an error that says where the split lists it."""
+    with ThreadPoolExecutor(workers) as pool:
         try:
-            with Image.open(path):
+            for _ in pool.map(read_header if headers_only else lambda path: read_image(path).size, split.image_paths):
                 pass
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
+        except UndecodableImage as e:
+            raise _listed(split, e) from None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="A report on a dataset: images and captions per split, captions per "
-                                "image, captions the context cuts, exact ties, images dropped; errors exit 1.")
+                                "image, captions the context cuts, exact ties, images dropped; every image decoded "
+                                "as training decodes it. An error exits 1 with one line.")
     p.add_argument("dataset", help="rsitmd, rsicd, ucm, demo, a <name> under --data-root, or a .csv/.tsv file")
     p.add_argument("--data-root", help="[data; demo: its cache]")
     p.add_argument("--seed", type=int, default=recipe.SEED,
-                   help=f"draws the validation split where the files label none [{recipe.SEED}]")
+                   help="draws the validation split where the files label none [%(default)s]")
+    p.add_argument("--headers-only", action="store_true", help="read each image's header only (fast; a damaged "
+                   "image is then found when training decodes it) [decode every image]")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images [%(default)s]")
     add_arguments(p, decode=False)
     args = p.parse_args(argv)
-    try:
-        name, root = prepare_dataset(args.dataset, args.data_root)
-        splits = [load_split(name, root, part, args.seed, csv_options(args)) for part in ("train", "val", "test")]
-        for split in splits:
-            check_headers(split)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    name, root = prepare_dataset(args.dataset, args.data_root)
+    splits = [load_split(name, root, part, args.seed, csv_options(args)) for part in ("train", "val", "test")]
+    for split in splits:
+        check_images(split, args.workers, args.headers_only)
     print(f"{args.dataset}:")
     for split in splits:
         print("\n".join(split_report(split)))
     both = set(splits[0].image_paths + splits[1].image_paths) & set(splits[2].image_paths)
     print(f"images in both training and test splits: {len(both)}")
+    print("images: every header read, no pixels decoded (--headers-only); a damaged image is found when training "
+          "decodes it" if args.headers_only else "images: every one decoded as training decodes it")
 
 
 if __name__ == "__main__":
-    main()
+    from support import runtime
+    runtime.run_command(main)

@@ -3,6 +3,9 @@
     python evaluate.py                                   # best checkpoint of the latest run, on its test split
     python evaluate.py --method zeroshot --dataset rsitmd --data-root data   # frozen CLIP
     python evaluate.py --checkpoint runs/x/best.pt --visualize 5            # also a PNG gallery of the top 5
+
+It writes test_eval.json (and test_eval.png) into --out, by default the checkpoint's run folder; scored on another
+dataset than the run's, test_eval-<dataset>.json, so that the run's own numbers are never replaced.
 """
 import argparse
 import glob
@@ -159,16 +162,24 @@ def parse_args(argv=None):
                                   "[the checkpoint's]")
     p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS),
                    help="the backbone's MLP activation [the checkpoint's, else what the file records, else QuickGELU]")
-    p.add_argument("--method", choices=adapter.METHODS, help="'zeroshot' evaluates frozen CLIP without a checkpoint")
+    p.add_argument("--method", choices=adapter.METHODS, help="[the checkpoint's]; zeroshot evaluates frozen CLIP "
+                   "without a checkpoint")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
                    help="[a GPU: the run's; a CPU: bf16 where it has bf16 units, else off]")
-    p.add_argument("--visualize", type=int, default=0, metavar="K", help="write a PNG gallery of the top-K results")
-    p.add_argument("--out", help="JSON file for the metrics [next to the checkpoint, or runs/zeroshot-<dataset>.json]")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--visualize", type=int, default=0, metavar="K",
+                   help="write a PNG gallery of the top-K results [0: none]")
+    p.add_argument("--out", metavar="DIR", help="folder of the metrics' JSON file (and the gallery) [the checkpoint's "
+                   "folder; zero-shot: runs/zeroshot]")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images [%(default)s]")
     data.add_arguments(p)
     args = p.parse_args(argv)
     if args.visualize < 0:
         p.error(f"--visualize K must be positive (or 0: no gallery), got {args.visualize}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    if args.out and (args.out.endswith(".json") or os.path.isfile(args.out)):
+        p.error(f"--out {args.out}: a folder now, as in train.py and table.py (evaluate.py writes test_eval.json "
+                f"into it): pass --out {os.path.dirname(args.out) or '.'}")
     if args.method == "zeroshot" and args.checkpoint:
         p.error("--method zeroshot evaluates the frozen CLIP and reads no --checkpoint")
     if args.official_checkpoint and (args.checkpoint or args.method or args.clip or not args.dataset):
@@ -215,8 +226,8 @@ def main(argv=None):
     model, method = build(args, state, saved, device)
     # The training run's precision on a GPU; on a CPU what this CPU does best, whatever the run used.
     amp = args.amp or (saved.get("amp") if device.type == "cuda" else None) or runtime.default_amp(device)
-    images = data.load_images(split.image_paths, model.visual.input_resolution, workers=args.workers,
-                              cache=data.decode_cache_choice(args))
+    images = data.decode_split(split, model.visual.input_resolution, workers=args.workers,
+                               cache=data.decode_cache_choice(args))
     tokens = clip_min.tokenize(split.captions, truncate=True)
     sim = metrics.similarity(model, images, tokens, device, amp)
     scores = metrics.retrieval_metrics(sim, split.image_of_caption)
@@ -224,16 +235,27 @@ def main(argv=None):
     print(metrics.format_metrics(scores))
     print(metrics.tie_bounds(sim, scores, split.image_of_caption) or "no exact ties at any query's truth")
     checkpoint = args.checkpoint or args.official_checkpoint
-    out = args.out or (os.path.join(os.path.dirname(checkpoint), "test_eval.json") if checkpoint
-                       else os.path.join("runs", f"zeroshot-{args.dataset}.json"))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"dataset": args.dataset, "method": method, "checkpoint": checkpoint, **scores}, f, indent=1)
+    out = result_path(args, checkpoint, saved)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"dataset": args.dataset, "method": method, "checkpoint": checkpoint, **scores}, f, indent=1)
+    except OSError as e:
+        raise OSError(f"--out {os.path.dirname(out)}: cannot write {os.path.basename(out)} there ({e.strerror})") from e
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"
         gallery(sim.cpu(), split, images, args.visualize, png, split.image_of_caption)
         print(f"wrote {png}")
+
+
+def result_path(args, checkpoint, saved):
+    """<--out>/test_eval.json for the run's own dataset, test_eval-<dataset>.json for any other (and zero-shot)."""
+    def where(dataset, root):  # a dataset named by its file, or by its name and root, wherever it was typed from
+        return (os.path.abspath(dataset) if data.is_archive(dataset) else dataset), root and os.path.abspath(root)
+    folder = args.out or (os.path.dirname(checkpoint) if checkpoint else os.path.join("runs", "zeroshot"))
+    own = saved and where(args.dataset, args.data_root) == where(saved.get("dataset"), saved.get("data_root"))
+    return os.path.join(folder, "test_eval.json" if own else f"test_eval-{data.dataset_label(args.dataset)}.json")
 
 
 if __name__ == "__main__":

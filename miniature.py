@@ -13,6 +13,8 @@ import argparse
 import copy
 import math
 import os
+import shlex
+import tempfile
 import time
 import warnings
 
@@ -46,7 +48,7 @@ def pretrain(out=runtime.DEMO_CLIP, steps=1200, batch_size=128, lr=5e-4, n_train
     root = root or data.DEMO_ROOT
     name = demo.make_demo(root, domain="natural", n_train=n_train, n_test=n_test, seed=seed)
     splits = [data.load_split(name, root, part) for part in ("trainval", "test")]
-    images, test_images = (data.load_images(s.image_paths, demo.MINI_CLIP.image_resolution, log_every=0) for s in splits)
+    images, test_images = (data.decode_split(s, demo.MINI_CLIP.image_resolution, log_every=0) for s in splits)
     tokens, test_tokens = (clip_min.tokenize(s.captions, truncate=True) for s in splits)
     per_epoch = len(images) // batch_size
     if per_epoch == 0:
@@ -93,20 +95,53 @@ def table(seeds=(0, 1, 2), epochs=3, lr=1e-3, out_root=os.path.join("runs", "min
     writes <out_root>/table.md. Stopped, it continues where it was, as table.py does."""
     if not os.path.isfile(clip):
         raise SystemExit(f"no pretrained checkpoint at {clip}: run `python miniature.py pretrain` first")
+    again = shlex.join(["python", "miniature.py", "table", "--seeds", *map(str, seeds), "--epochs", str(epochs),
+                        "--lr", str(lr)])  # what continues it when stopped, rather than table.py's own command
     return table_py.main(["--datasets", "demo", "--methods", "all", "mrs:infonce", "--seeds", *map(str, seeds),
-                          "--lr", str(lr), "--out", out_root, "--clip", clip, "--epochs", str(epochs)])
+                          "--lr", str(lr), "--out", out_root, "--clip", clip, "--epochs", str(epochs)], again=again)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command (pretrain or table) and its options, each impossible value refused in one line naming it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain", help="pretrain the mini CLIP on the natural domain")
-    p.add_argument("--out", default=runtime.DEMO_CLIP)
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=runtime.DEMO_CLIP, help="the file written [%(default)s]")
+    p.add_argument("--steps", type=int, default=1200, help="[%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="[%(default)s]")
     t = commands.add_parser("table", help="transfer it to the remote domain with every method")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--lr", type=float, default=1e-3)
-    args = vars(parser.parse_args())
-    runtime.run_command(lambda: (pretrain if args.pop("command") == "pretrain" else table)(**args))
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
+    t.add_argument("--epochs", type=int, default=3, help="[%(default)s]")
+    t.add_argument("--lr", type=float, default=1e-3, help="[%(default)s]")
+    args = parser.parse_args(argv)
+    if args.command == "pretrain" and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.command == "pretrain" and not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be between 0 and 2^32 - 1, got {args.seed}")
+    if args.command == "pretrain" and os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder: name the file to write")
+    if args.command == "pretrain" and not writable(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: cannot write there")
+    if args.command == "table" and args.epochs < 1:
+        t.error(f"--epochs must be at least 1, got {args.epochs}")
+    return vars(args)
+
+
+def writable(folder):
+    """Whether a file can be made in folder (a folder not there yet is made when the file is saved)."""
+    if not os.path.isdir(folder):
+        return True
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def main(argv=None):
+    options = parse_args(argv)
+    return (pretrain if options.pop("command") == "pretrain" else table)(**options)
+
+
+if __name__ == "__main__":
+    runtime.run_command(main)

@@ -16,7 +16,10 @@ resumes from its last.pt (train.py --resume); a folder recorded with other setti
 import argparse
 import contextlib
 import json
+import math
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
@@ -94,6 +97,8 @@ MAIN = ["zeroshot", "full", "mrs"]
 # train.py options that change how a run is done or logged, not its result: never a reason to refuse a folder.
 NOT_SETTINGS = ("out", "resume", "overwrite", "data_root", "workers", "log_every", "save_minutes", "compile",
                 "decode_cache", "no_decode_cache")
+# train.py options that only shape training: never a reason to refuse a zero-shot cell, which trains nothing.
+TRAINING_ONLY = ("epochs", "lr", "lr_decay_epoch", "batch_size", "margin", "mask_same_image", "grad_clip")
 PROGRESS_SECONDS = 60
 
 
@@ -115,6 +120,12 @@ def parse_args(argv=None):
                    help="[runs/table]: the runs go to <out>/<dataset>/<method>-<loss>-s<seed>")
     data.add_arguments(p, decode=False)  # the decode-cache options go on to train.py with the other options
     args, forwarded = p.parse_known_args(argv)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if not all(0 <= seed < 2 ** 32 for seed in args.seeds):
+        p.error(f"--seeds must be between 0 and 2^32 - 1, got {' '.join(map(str, args.seeds))}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder: choose another --out")
     owned = [a for a in forwarded if a.split("=")[0] in ("--dataset", "--method", "--loss", "--seed", "--resume",
                                                              "--overwrite")]
     if owned:
@@ -179,8 +190,9 @@ def check(cell):
     if os.path.isfile(record):
         with open(record) as f:
             recorded = json.load(f)
+        ignored = TRAINING_ONLY if cell.method == "zeroshot" else ()
         changed = [f"{k} {recorded.get(k)!r} -> {cell.settings.get(k)!r}" for k in sorted({*recorded, *cell.settings})
-                   if recorded.get(k) != cell.settings.get(k)]
+                   if recorded.get(k) != cell.settings.get(k) and k not in ignored]
         if changed:
             raise SystemExit(f"{cell.out} holds a run with other settings ({'; '.join(changed)}): delete the folder "
                              "to redo it, or choose another --out")
@@ -190,16 +202,27 @@ def check(cell):
 
 
 def progress(cell):
-    """(pairs trained, pairs/s) from the newest progress line of the cell's metrics.jsonl; (0, None) before one."""
+    """(pairs trained, pairs/s) from the newest progress line of the cell's metrics.jsonl, (0, None) before one; a
+    cell yet to resume: the pairs its last.pt holds (a stop saves it between progress lines)."""
     path = os.path.join(cell.out, "metrics.jsonl")
     if cell.state == "start" or not os.path.isfile(path):  # not started: an old log would be overwritten
         return 0, None
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut short by a kill is dropped
-    last = next((e for e in reversed(lines) if "pairs_per_s" in e), None)
-    if last is None:
-        return 0, None
-    return ((last["epoch"] - 1) * cell.steps + last["step"]) * cell.settings["batch_size"], last["pairs_per_s"]
+    last = next((e for e in reversed(lines) if "pairs_per_s" in e), {})
+    steps = (last["epoch"] - 1) * cell.steps + last["step"] if last else 0
+    steps = saved_steps(cell) if cell.state == "resume" else steps
+    return steps * cell.settings["batch_size"], last.get("pairs_per_s")
+
+
+def saved_steps(cell):
+    """The training steps the cell's last.pt holds (its tensors memory-mapped, not read), 0 if it cannot be read:
+    train.py --resume will say why."""
+    try:
+        state = torch.load(os.path.join(cell.out, "last.pt"), map_location="cpu", weights_only=True, mmap=True)
+        return state["epoch"] * cell.steps + state["step"]
+    except Exception:  # whatever torch raises for a damaged file
+        return 0
 
 
 def eta(cells, rates):
@@ -269,6 +292,10 @@ def run_cells(cells):
         try:
             with open(os.path.join(cell.out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
                 train.main(cell.argv + (["--resume"] if resume else ["--overwrite"]))  # checked by check()
+        except KeyboardInterrupt as e:  # said with the table's command by main, not the cell's train.py command
+            cell.state = "resume" if os.path.isfile(os.path.join(cell.out, "last.pt")) else "start"
+            saved = f"{progress(cell)[0]:,} of {cell.pairs:,} pairs saved" if cell.state == "resume" else "nothing saved"
+            raise runtime.Interrupted(f"{label} stopped ({saved})", getattr(e, "signum", signal.SIGINT)) from None
         finally:
             stop.set()
             watcher.join()
@@ -330,53 +357,64 @@ def markdown(rows, total_params):
     return "\n".join(lines) + "\n" + "".join(f"\n{note}" for note in notes) + ("\n" if notes else "")
 
 
+OURS, THEIRS, INK = (31, 119, 180), (255, 127, 14), (20, 20, 20)  # the figure's bars and text
+
+
 def figure(rows, path, height=300):
     """A PNG: test mR per method, one panel per dataset, the paper's method names; ours (a whisker: ± std over
     seeds) beside the paper's bar where the paper reports a number."""
-    ours, theirs, ink, grid = (31, 119, 180), (255, 127, 14), (20, 20, 20), (220, 220, 220)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["loss"]) for r in rows))
-    bar, group, left, top, panel = 36, 150, 70, 96, height + 130
-    width = max(1000, left + group * len(keys) + 20)
+    left, top, panel, title = 70, 96, height + 130, "Test mR (mean of the six recalls, %) per method"
+    label = evaluate.font(15)
+    # As wide as the title and legend need, or 150 px per method; the methods share the width evenly.
+    width = max(left + round(evaluate.font(24).getlength(title)) + 40, left + 560, left + 150 * len(keys) + 20)
+    group = (width - left - 20) // len(keys)
     image = Image.new("RGB", (width, top + panel * len(datasets)), "white")
-    draw, small, label = ImageDraw.Draw(image), evaluate.font(14), evaluate.font(15)
-    draw.text((left, 12), "Test mR (mean of the six recalls, %) per method", fill=ink, font=evaluate.font(24))
-    legend = [("ours", ours)] + [("the paper (Yuan et al. 2023)", theirs)] * any(r["paper"].get("mR") for r in rows)
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 12), title, fill=INK, font=evaluate.font(24))
+    legend = [("ours", OURS)] + [("the paper (Yuan et al. 2023)", THEIRS)] * any(r["paper"].get("mR") for r in rows)
     x = left
     for text, colour in legend:
         draw.rectangle([x, 56, x + 16, 72], fill=colour)
-        draw.text((x + 22, 55), text, fill=ink, font=label)
+        draw.text((x + 22, 55), text, fill=INK, font=label)
         x += 40 + round(label.getlength(text))
     notes = (["whisker: ± std over seeds"] * any(r["std"]["mR"] for r in rows)
              + ["*: the paper's printed mR, not the mean of its six recalls"] * any(
                  misprinted_mr(r["paper"]) is not None for r in rows))
-    draw.text((x, 55), "; ".join(notes), fill=ink, font=label)
+    draw.text((x, 55), "; ".join(notes), fill=INK, font=label)
     for d, dataset in enumerate(datasets):
         base = top + d * panel + 40 + height  # the panel's mR = 0 line
-
-        def y(value):
-            return round(base - value * height / 100)
-        draw.text((left, base - height - 36), dataset.upper(), fill=ink, font=evaluate.font(20))
+        draw.text((left, base - height - 36), dataset.upper(), fill=INK, font=evaluate.font(20))
         for tick in range(0, 101, 20):
-            draw.line([left, y(tick), width - 20, y(tick)], fill=grid)
-            draw.text((left - 10, y(tick)), str(tick), fill=ink, font=small, anchor="rm")
+            draw.line([left, base - tick * height // 100, width - 20, base - tick * height // 100], fill=(220,) * 3)
+            draw.text((left - 10, base - tick * height // 100), str(tick), fill=INK, font=evaluate.font(14), anchor="rm")
         for row in (r for r in rows if r["dataset"] == dataset):
-            x = left + 20 + group * keys.index((row["method"], row["loss"]))
-            mean, std = row["mean"]["mR"], row["std"]["mR"]
-            if std:
-                draw.line([x + bar // 2, y(mean - std), x + bar // 2, y(mean + std)], fill=ink, width=2)
-            mark = "*" if misprinted_mr(row["paper"]) is not None else ""
-            for k, (value, colour) in enumerate(((mean, ours), (row["paper"].get("mR"), theirs))):
-                if value is not None:
-                    draw.rectangle([x + k * bar, y(value), x + (k + 1) * bar - 1, base], fill=colour)
-                    above = value + (std if k == 0 else 0)  # the number above the whisker, not across it
-                    draw.text((x + k * bar + bar // 2, y(above) - 3), f"{value:.1f}" + (mark if k else ""),
-                              fill=ink, font=small, anchor="md")
-            name = row.get("name") or NAMES.get(row["method"], row["method"])
-            name += "" if row["loss"] == "hmmc" or row["method"] == "zeroshot" else f" ({row['loss']})"
-            lines = evaluate.wrap(name, label, group - 12, lines=3)
-            draw.text((x - 4, base + 6), "\n".join(lines), fill=ink, font=label, spacing=3)
+            centre = left + group * keys.index((row["method"], row["loss"])) + group // 2
+            method_bars(draw, row, centre, base, height, group)
     image.save(path)
+
+
+def method_bars(draw, row, centre, base, height, group, bar=36):
+    """One method's bars, centred on x = centre above the mR = 0 line `base`: ours (its whisker: ± std), the paper's
+    beside it if reported; the numbers above them and the method's name below."""
+    def y(value):
+        return round(base - value * height / 100)
+    mean, std = row["mean"]["mR"], row["std"]["mR"]
+    bars = [(mean, OURS, std)] + ([(row["paper"]["mR"], THEIRS, 0)] if "mR" in row["paper"] else [])
+    x = centre - len(bars) * bar // 2
+    if std:
+        draw.line([x + bar // 2, y(mean - std), x + bar // 2, y(mean + std)], fill=INK, width=2)
+    for k, (value, colour, whisker) in enumerate(bars):
+        draw.rectangle([x + k * bar, y(value), x + (k + 1) * bar - 1, base], fill=colour)
+        mark = "*" if k and misprinted_mr(row["paper"]) is not None else ""
+        draw.text((x + k * bar + bar // 2, y(value + whisker) - 3), f"{value:.1f}{mark}", fill=INK,  # above the whisker
+                  font=evaluate.font(14), anchor="md")
+    name = row.get("name") or NAMES.get(row["method"], row["method"])
+    name += "" if row["loss"] == "hmmc" or row["method"] == "zeroshot" else f" ({row['loss']})"
+    lines = evaluate.wrap(name, evaluate.font(15), group - 12, lines=3)
+    draw.multiline_text((centre, base + 6), "\n".join(lines), fill=INK, font=evaluate.font(15), spacing=3,
+                        anchor="ma", align="center")
 
 
 def write(args, cells, params, total_params, skipped):
@@ -400,8 +438,20 @@ def write(args, cells, params, total_params, skipped):
     return rows
 
 
-def main(argv=None):
-    args, forwarded = parse_args(argv)
+def main(argv=None, again=None):
+    """The table; stopped, it says the command that continues: `again` [python table.py <argv>]."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return make_table(*parse_args(argv))
+    except KeyboardInterrupt as e:
+        again = again or shlex.join(["python", "table.py", *argv])
+        raise runtime.Interrupted(f"{e.args[0] if e.args else 'stopped'}: finished cells are kept, an interrupted one "
+                                  f"resumes from its last save. Continue with: {again}",
+                                  getattr(e, "signum", signal.SIGINT)) from None
+
+
+def make_table(args, forwarded):
+    """Every cell trained (or read, or resumed), then table.md, table.json and table.png; returns the rows."""
     datasets, skipped = find_datasets(args.datasets, args.data_root, data.csv_options(args))
     if not datasets:
         raise SystemExit("no dataset found: see the lines above, and the README's Datasets section")
@@ -416,6 +466,10 @@ def main(argv=None):
     with torch.device("meta"):  # counts only: shapes without memory
         params = {m: adapter.count_trainable(adapter.apply(clip_min.CLIP(config), m)) for m, _ in args.rows}
         total_params = sum(p.numel() for p in clip_min.CLIP(config).parameters())
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {args.out}: cannot write there ({e.strerror})") from e
     run_cells(cells)
     rows = write(args, cells, params, total_params, skipped)
     print(f"{time.time() - started:.0f}s; written to {args.out}: table.md, table.json, table.png")
@@ -423,5 +477,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.run_command(main, interrupted="stopped: the same command continues (finished runs are kept, the "
-                                          "interrupted one resumes from its last save)")
+    runtime.run_command(main)

@@ -38,34 +38,34 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, any <name> found in --data-root, "
-                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format)")
+                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format) [%(default)s]")
     p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
-    p.add_argument("--method", default="mrs", choices=adapter.METHODS)
-    p.add_argument("--loss", default="hmmc", choices=losses.LOSSES)
+    p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="[%(default)s]")
+    p.add_argument("--loss", default="hmmc", choices=losses.LOSSES, help="[%(default)s]")
     p.add_argument("--clip", default=None, help="model name (ViT-B/32, ...), checkpoint path or Hugging Face folder "
                                                 "[ViT-B/32; demo: assets/mini-clip.pt, else a random tiny CLIP]")
     p.add_argument("--clip-activation", choices=sorted(clip_min.model.ACTIVATIONS), help="the backbone's MLP activation [what "
                    "the file records, else QuickGELU; open_clip's plain ViT-B-32 and ViT-L-14 are gelu]")
     p.add_argument("--lr", type=float, default=None, help=f"[{recipe.LR:g}; demo: {recipe.DEMO['lr']:g}]")
     p.add_argument("--lr-decay-epoch", type=int, default=recipe.LR_DECAY_EPOCH, help="the first epoch (counted from "
-                   f"1) at lr x{recipe.LR_DECAY}, and again every as many epochs, as the released code decays it")
+                   f"1) at lr x{recipe.LR_DECAY}, and again every as many epochs, as the released code decays it [%(default)s]")
     p.add_argument("--epochs", type=int, default=None, help=f"[{recipe.EPOCHS}; demo: {recipe.DEMO['epochs']}]")
-    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="global batch, split across processes")
-    p.add_argument("--margin", type=float, default=recipe.MARGIN)
+    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="global batch, split across processes [%(default)s]")
+    p.add_argument("--margin", type=float, default=recipe.MARGIN, help="of the hinge losses [%(default)s]")
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs and CPUs with bf16 units, else off]")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                   help="torch.compile the encoders; MODE reduce-overhead adds CUDA graphs")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
-    p.add_argument("--workers", type=int, default=8, help="threads decoding images")
+                   help="torch.compile the encoders; MODE reduce-overhead adds CUDA graphs [off; MODE: default]")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off) [%(default)s]")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images [%(default)s]")
     p.add_argument("--out", default=None, help="run folder [runs/<dataset>-<method>-<loss>]")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run a folder holds (else refused)")
-    p.add_argument("--seed", type=int, default=recipe.SEED)
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--seed", type=int, default=recipe.SEED, help="[%(default)s, the paper's]")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines [%(default)s]")
     p.add_argument("--save-minutes", type=float, default=10, help="mid-epoch saves of last.pt: at the first progress "
-                   "line this many minutes after the last save (0: at every progress line)")
+                   "line this many minutes after the last save (0: at every progress line) [%(default)s]")
     data.add_arguments(p)
     args = p.parse_args(argv)
     for name, value in (recipe.DEMO if args.dataset == "demo" else dict(lr=recipe.LR, epochs=recipe.EPOCHS)).items():
@@ -73,18 +73,40 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.out is None:
         args.out = os.path.join("runs", f"{data.dataset_label(args.dataset)}-{args.method}-{args.loss}")
-    if args.batch_size < 2 or min(args.epochs, args.log_every, args.lr_decay_epoch, args.workers) < 1 \
-            or args.save_minutes < 0:
-        p.error("--batch-size must be >= 2 (a pair's negatives are the batch's other pairs), --epochs, --log-every, "
-                "--lr-decay-epoch and --workers positive, --save-minutes >= 0")
-    # Checked here, before any data is read or model loaded: else Adam refuses them, or the run trains on nan.
+    # Recorded in the checkpoints as absolute paths: evaluate.py finds the data again from any folder.
+    args.dataset = os.path.abspath(args.dataset) if data.is_archive(args.dataset) else args.dataset
+    args.data_root = args.data_root and os.path.abspath(args.data_root)
+    check_values(p, args)
+    return args
+
+
+def check_values(p, args):
+    """Each impossible value refused in one line that names its flag, before any data is read or model loaded
+    (else Adam refuses it, the run trains on nan, or no step runs)."""
+    for flag, what in (("--dataset", "a dataset"), ("--clip", "a model or file"), ("--out", "a folder"),
+                       ("--data-root", "a folder")):
+        if getattr(args, flag[2:].replace("-", "_")) == "":
+            p.error(f"{flag} is empty: name {what}, or leave the option out for its default")
+    for flag, value, least in (("--batch-size", args.batch_size, 2), ("--epochs", args.epochs, 1),
+                               ("--log-every", args.log_every, 1), ("--lr-decay-epoch", args.lr_decay_epoch, 1),
+                               ("--workers", args.workers, 1)):
+        if value < least:
+            why = " (a pair's negatives are the batch's other pairs)" if flag == "--batch-size" else ""
+            p.error(f"{flag} must be at least {least}{why}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
-    if not (math.isfinite(args.margin) and math.isfinite(args.grad_clip) and args.grad_clip >= 0):
-        p.error(f"--margin must be a number and --grad-clip a number >= 0, got {args.margin} and {args.grad_clip}")
+    if not math.isfinite(args.margin):
+        p.error(f"--margin must be a number, got {args.margin}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        p.error(f"--grad-clip must be a number >= 0 (0: off), got {args.grad_clip}")
+    if not args.save_minutes >= 0:  # nan too
+        p.error(f"--save-minutes must be a number >= 0, got {args.save_minutes}")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be between 0 and 2^32 - 1, got {args.seed}")
+    if args.compile and args.compile not in torch._inductor.list_mode_options():
+        p.error(f"--compile {args.compile}: MODE is one of {', '.join(torch._inductor.list_mode_options())}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: choose one")
-    return args
 
 
 def read_splits(args, rank):
@@ -112,7 +134,7 @@ def decode(splits, resolution, args):
     the image of each caption: {part: (images, tokens, image_of_caption)}."""
     decoded, cache = {}, data.decode_cache_choice(args)
     for part, split in splits.items():
-        decoded[part] = (data.load_images(split.image_paths, resolution, workers=args.workers, cache=cache),
+        decoded[part] = (data.decode_split(split, resolution, workers=args.workers, cache=cache),
                          clip_min.tokenize(split.captions, truncate=True),
                          torch.as_tensor(split.image_of_caption, dtype=torch.long))
         print(split.summary())
@@ -177,6 +199,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None  # None: zero-shot, nothing trains
     scaler: torch.amp.GradScaler
     steps: int  # per epoch: the training pairs // the batch size
+    backbone: dict  # how the checkpoints name the backbone (runtime.backbone_record)
     best_mr: float = -1.0
     saved_at: float = dataclasses.field(default_factory=time.time)
     metrics_file: object = None
@@ -208,13 +231,14 @@ def choose_precision(args, device, world):
 
 
 def build_model(args, device):
-    """The frozen backbone with the method attached, its frozen weights kept in the autocast precision."""
+    """The frozen backbone with the method attached, its frozen weights kept in the autocast precision, and how the
+    checkpoints name that backbone."""
     backbone = runtime.load_backbone(args.clip, args.dataset, args.seed, device, args.clip_activation)
     model = adapter.apply(backbone, args.method).to(device)
     runtime.keep_frozen_weights_in(model, args.amp)
     log(f"{args.method}: {adapter.count_trainable(model):,} trainable parameters of "
         f"{sum(p.numel() for p in model.parameters()):,}")
-    return model
+    return model, runtime.backbone_record(args.clip, args.dataset, args.seed)
 
 
 def build_encoder(model, args, device, distributed):
@@ -239,7 +263,7 @@ def start(args, session):
     splits = read_splits(args, session.rank)
     torch.manual_seed(args.seed)
     check_batch_size(args, len(splits["train"].captions))  # before the backbone (maybe a download) and decoding
-    model = build_model(args, device)
+    model, backbone = build_model(args, device)
     splits = decode(splits, model.visual.input_resolution, args)
     if device.type == "cuda":  # the decoded training set fits on the GPU: no input pipeline
         splits["train"] = (splits["train"][0].to(device), *splits["train"][1:])
@@ -248,7 +272,8 @@ def start(args, session):
     params = [p for p in model.parameters() if p.requires_grad]
     session.deferred = bool(params)  # a signal waits for the step's end only where there is something to save
     return Run(args, session, device, model, encoder, splits, torch.optim.Adam(params, lr=args.lr) if params else None,
-               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), len(splits["train"][1]) // args.batch_size)
+               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), len(splits["train"][1]) // args.batch_size,
+               backbone)
 
 
 def resume(run):
@@ -265,8 +290,8 @@ def resume(run):
     if len(state["rng"]) != run.session.world:
         raise runtime.CommandError(f"{path} was written by {len(state['rng'])} processes: resume it with as many")
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}" for k in
-               ("dataset", "method", "loss", "clip", "clip_activation", "batch_size", "seed", "margin",
-                "mask_same_image", "amp") if state["args"].get(k) != getattr(args, k)]
+               ("dataset", "method", "loss", "clip_activation", "batch_size", "seed", "margin", "mask_same_image",
+                "amp") if state["args"].get(k) != getattr(args, k)] + backbone_change(state, run)
     if changed:
         raise runtime.CommandError(f"--resume with other settings than {path}: {', '.join(changed)}")
     adapter.load_trainable(run.model, state["trainable"])
@@ -278,6 +303,17 @@ def resume(run):
         epoch, step = epoch + 1, 0
     log(f"resumed from {path} at epoch {epoch + 1}, step {step}")
     return epoch, step
+
+
+def backbone_change(state, run):
+    """[what differs] between last.pt's backbone and this run's: the same weights (by SHA-256) wherever they lie
+    and however --clip names them; a checkpoint of an earlier version, without a record: --clip as typed."""
+    typed = f"--clip {state['args'].get('clip')} -> {run.args.clip}"
+    if "backbone" not in state:
+        return [typed] if state["args"].get("clip") != run.args.clip else []
+    if state["backbone"].get("sha256") == run.backbone.get("sha256"):
+        return []
+    return [typed if state["args"].get("clip") != run.args.clip else f"--clip {run.args.clip}: other weights now"]
 
 
 def open_metrics(run, epoch, step):
@@ -329,8 +365,11 @@ def save(run, epoch, step, improved=False):
     rngs = rng_states()  # every process takes part: each one's generators are gathered
     if run.session.rank == 0:
         args = run.args
+        # "clip": what load_backbone reads from any folder (an absolute path; None for the demo's bundled CLIP)
+        clip = run.backbone.get("name") or run.backbone.get("file")
         state = {"trainable": adapter.trainable_state_dict(run.model), "method": args.method,
-                 "options": run.model.petl_options, "clip": args.clip, "activation": run.model.config.activation,
+                 "options": run.model.petl_options, "clip": clip, "backbone": run.backbone,
+                 "activation": run.model.config.activation,
                  "dataset": args.dataset, "epoch": epoch, "step": step, "best_mR": run.best_mr, "args": vars(args)}
         if improved:
             run_folder.save_atomically(state, os.path.join(args.out, "best.pt"))
@@ -364,7 +403,7 @@ def train_epoch(run, epoch, first_step):
         bad = torch.where(torch.isfinite(terms["loss"]) | (bad >= 0), bad, step)  # no wait for the GPU
         logged = (step + 1) % args.log_every == 0 or step + 1 == run.steps
         if logged:
-            check_finite(bad, epoch, lr)  # before anything is logged or saved: a nan never reaches last.pt
+            check_finite(run, bad, epoch, lr)  # before anything is logged or saved: a nan never reaches last.pt
             terms = {k: v.item() for k, v in terms.items()}
             rate = (step + 1 - first_step) * args.batch_size / (time.time() - started)
             eta = ((run.steps - step - 1) + (args.epochs - epoch - 1) * run.steps) * args.batch_size / rate
@@ -378,7 +417,7 @@ def train_epoch(run, epoch, first_step):
             if due[0]:
                 save(run, epoch, step + 1)
         if (logged or not dist.is_initialized()) and step + 1 < run.steps:  # the last step: after validation
-            stop_if_asked(run, epoch, step + 1, lambda: check_finite(bad, epoch, lr))
+            stop_if_asked(run, epoch, step + 1, lambda: check_finite(run, bad, epoch, lr))
 
 
 def validate_and_save(run, epoch):
@@ -413,12 +452,14 @@ def check_batch_size(args, pairs):
                                    f"{args.dataset}: no step would run; choose at most {pairs}", 2)
 
 
-def check_finite(bad, epoch, lr):
-    """Stops a run whose loss went nan or infinite (bad: its first such step, or -1), before it is saved."""
+def check_finite(run, bad, epoch, lr):
+    """Stops a run whose loss went nan or infinite (bad: its first such step, or -1), before it is saved, with the
+    command that tries again at a tenth of the lr: from the last save if there is one, else from the start."""
     if int(bad) >= 0:
+        again = run_folder.resume_command(run.args, run.session, ["--lr", f"{run.args.lr / 10:g}"])
         raise runtime.CommandError(f"the loss is not finite at epoch {epoch + 1}, step {int(bad) + 1}: training "
-                                   f"stopped there, nothing of it saved; try a smaller --lr (this epoch's: {lr:g}) or "
-                                   "--grad-clip")
+                                   f"stopped there, nothing of it saved. Try a smaller --lr (this epoch's: {lr:g}) or "
+                                   f"--grad-clip: {again}")
 
 
 def stop_if_asked(run, epoch, step, before_saving=None, saved=False):
@@ -467,17 +508,17 @@ def main(argv=None):
     with run_folder.stop_on_signals(session):
         try:
             result = fit(start(args, session))
-        except KeyboardInterrupt as e:  # runtime.Interrupted included
-            if e.args:  # stop_if_asked's: saved, and said
+        except BaseException as e:
+            run_folder.leave_folder(args, session, failed=True)  # a run that saved nothing leaves nothing
+            if not isinstance(e, KeyboardInterrupt) or e.args:  # stop_if_asked's Interrupted: saved, and said
                 raise
             kept = "last.pt holds the last save" if os.path.isfile(os.path.join(args.out, "last.pt")) else \
                 "nothing saved"
             raise runtime.Interrupted(f"stopped at once ({kept}). Go on with: {run_folder.resume_command(args, session)}",
                                       getattr(e, "signum", signal.SIGINT)) from None
-        finally:
-            run_folder.release_folder(session.lock)
+        run_folder.leave_folder(args, session)
     if session.rank == 0:
-        written = [n for n in (*run_folder.RUN_FILES, "test.json") if os.path.isfile(os.path.join(args.out, n))]
+        written = [n for n in run_folder.RUN_FILES if os.path.isfile(os.path.join(args.out, n))]
         log(f"run written to {args.out}: {', '.join(written)}")
     return result
 

@@ -29,6 +29,8 @@ class Session:
     rank: int = 0
     world: int = 1
     lock: object = None  # the open <out>/.lock while rank 0 holds the folder
+    claimed: bool = False  # this process holds --out (rank 0), checked
+    made_folder: bool = False  # this command created --out
     deferred: bool = False  # a signal waits for the step's end (a run that has something to save)
     signum: int | None = None  # the signal that asked to stop
 
@@ -57,7 +59,9 @@ def save_atomically(obj, path):
 
 # ------------------------------------------------------------ the folder: never overwritten unasked, one run at a time
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what makes a folder hold a run
+# What makes a folder hold a run: a zero-shot run (metrics.jsonl, test.json) is one too, and is refused like any.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "test.json")
+STARTED_FILES = ("metrics.jsonl", "splits.json", "val_images.txt")  # what a run writes before its first save
 
 
 def check_folder(args):
@@ -71,7 +75,7 @@ def check_folder(args):
         ways = "continue it with --resume, " if "last.pt" in found else ""
         raise runtime.CommandError(f"{args.out} holds a run ({', '.join(found)}): {ways}start another with another "
                                    "--out, or replace this one with --overwrite", 2)
-    for name in RUN_FILES + ("test.json",) if args.overwrite else ():
+    for name in RUN_FILES if args.overwrite else ():
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(args.out, name))
 
@@ -109,6 +113,20 @@ def claim_folder(args):
     return f
 
 
+def leave_folder(args, session, failed=False):
+    """Lets go of --out. After a failure, a run this command started that saved nothing leaves no trace: the files
+    it wrote, and the folder if it made it, so that the same command (or the one its message names) starts anew."""
+    unsaved = failed and session.claimed and not args.resume and not any(
+        os.path.exists(os.path.join(args.out, name)) for name in ("last.pt", "test.json"))
+    for name in STARTED_FILES if unsaved else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.out, name))
+    release_folder(session.lock)
+    if failed and session.made_folder and (unsaved or not session.claimed):
+        with contextlib.suppress(OSError):  # not empty: files of another command, or a lock taken since
+            os.rmdir(args.out)
+
+
 def release_folder(lock):
     if lock is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -120,14 +138,20 @@ def hold_folder(args, session):
     """Rank 0 holds --out (session.lock); its verdict is every process's, so that none waits for a refused run."""
     verdict = [None]
     if session.rank == 0:
+        session.made_folder = not os.path.exists(args.out)
         try:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise runtime.CommandError(f"--out {args.out} is a file, not a folder: choose another --out", 2)
             if fcntl:
                 session.lock = claim_folder(args)
             else:  # no flock (Windows): the folder is checked, not locked
                 os.makedirs(args.out, exist_ok=True)
                 check_folder(args)
-        except (runtime.CommandError, OSError) as e:
-            verdict = [(str(e.code if isinstance(e, SystemExit) else e), getattr(e, "status", 1))]
+            session.claimed = True
+        except runtime.CommandError as e:
+            verdict = [(e.code, e.status)]
+        except OSError as e:
+            verdict = [(f"--out {args.out}: cannot write there ({e.strerror or e})", 1)]
     if session.world > 1:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
@@ -162,12 +186,22 @@ def stop_on_signals(session):
             signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
-def resume_command(args, session):
-    """The command that goes on with the run in --out, as typed: --resume once a last.pt is there."""
-    argv, saved = list(session.argv), os.path.isfile(os.path.join(args.out, "last.pt"))
+def resume_command(args, session, change=()):
+    """The command that goes on with the run in --out, as typed: --resume once a last.pt is there (a run that saved
+    nothing leaves nothing: leave_folder). change: [flag, value, ...] set anew in place of the typed values."""
+    argv, saved = argv_without(session.argv, change[::2]), os.path.isfile(os.path.join(args.out, "last.pt"))
     if saved:
         argv = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
-    elif any(os.path.exists(os.path.join(args.out, name)) for name in RUN_FILES) and not args.overwrite:
-        argv.append("--overwrite")
+    argv += change
     launcher = f"torchrun --nproc_per_node={session.world} train.py" if session.world > 1 else "python train.py"
     return " ".join([launcher, *map(shlex.quote, argv)])
+
+
+def argv_without(argv, flags):
+    """argv without the options `flags` and their values (typed as --flag value or --flag=value)."""
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a.split("=")[0] not in flags:
+            kept.append(a)
+        skip = a in flags
+    return kept

@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
@@ -34,17 +35,80 @@ def load_backbone(clip, dataset, seed, device, activation=None):
     return clip_min.load(clip or "ViT-B/32", device=device, activation=activation)[0]
 
 
+# ------------------------------------------------------------ the backbone a checkpoint names, from any folder
+
+BUNDLED = "assets/mini-clip.pt"  # how a checkpoint names DEMO_CLIP, wherever the repository lies
+
+
+def weights_sha256(path):
+    """The SHA-256 of a weights file, or of the weights file of a Hugging Face folder."""
+    return clip_min.download.sha256_of(clip_min.weights._weights_file(path))
+
+
+def backbone_record(clip, dataset, seed):
+    """How a run's checkpoints name its backbone (load_backbone's choice for these arguments), so that a later
+    command started from any folder rebuilds it: a released model by name, a file (or Hugging Face folder) by
+    absolute path and SHA-256, the bundled mini CLIP as such, the demo's random tiny CLIP by its seed."""
+    if clip is None and dataset == "demo":
+        if not os.path.isfile(DEMO_CLIP):
+            return {"random_tiny_clip_seed": seed}
+        clip = DEMO_CLIP
+    clip = clip or "ViT-B/32"
+    if clip in clip_min.download.MODELS:
+        return {"name": clip, "sha256": clip_min.download.MODELS[clip][1]}
+    path, sha256 = os.path.abspath(clip), weights_sha256(clip)
+    if os.path.isfile(DEMO_CLIP) and os.path.samefile(path, DEMO_CLIP):
+        return {"bundled": BUNDLED, "sha256": sha256}
+    return {"file": path, "sha256": sha256}
+
+
+def recorded_backbone(state):
+    """(clip, dataset, seed) for load_backbone that rebuild a checkpoint's backbone; a recorded file that moved or
+    changed since is an error that says so and names --clip. A checkpoint of an earlier version, without a record:
+    its --clip as typed, or its run's dataset's default."""
+    saved, record = state.get("args", {}), state.get("backbone")
+    if record is None:
+        return state.get("clip"), saved.get("dataset"), saved.get("seed", recipe.SEED)
+    if "random_tiny_clip_seed" in record:
+        return None, "demo", record["random_tiny_clip_seed"]
+    if "name" in record:
+        return record["name"], None, None
+    path = DEMO_CLIP if "bundled" in record else record["file"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"this checkpoint's backbone, {path} (sha256 {record['sha256'][:12]}...), is not "
+                                "there any more (moved or deleted): pass that file with --clip")
+    if weights_sha256(path) != record["sha256"]:
+        raise ValueError(f"this checkpoint's backbone, {path}, has changed since it was trained on it (sha256 "
+                         f"{record['sha256'][:12]}... then, {weights_sha256(path)[:12]}... now): pass the original "
+                         "weights with --clip")
+    return path, None, None
+
+
+def same_backbone(record, clip, dataset, seed):
+    """Whether load_backbone(clip, dataset, seed) gives the backbone `record` names (the same weights, wherever)."""
+    ours = backbone_record(clip, dataset, seed)
+    return all(ours.get(k) == record.get(k) for k in ("sha256", "random_tiny_clip_seed"))
+
+
 def read_run_checkpoint(path):
     """A best.pt or last.pt written by train.py: the trained tensors, the method and its options, the run's
     arguments. Another kind of file is refused with the option that reads it."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
+        raise FileNotFoundError(f"{path} is a run folder: pass its checkpoint, {os.path.join(path, 'best.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = clip_min.formats.torch_load(path)
+        with warnings.catch_warnings():  # torch's note on an OpenAI (TorchScript) file: said below, in a line
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            state = clip_min.formats.torch_load(path)
     except clip_min.formats.UnreadableFile:
         if released_checkpoint(path):
             raise ValueError(f"{path} is a checkpoint of the authors' released code: score it with "
                              f"evaluate.py --official-checkpoint {path} --dataset <name>") from None
+        if clip_weights(path):
+            raise ValueError(f"{path} holds CLIP weights (a model file such as OpenAI's), not a checkpoint written "
+                             "by train.py: pass it as --clip (evaluate.py --method zeroshot --clip ... scores it "
+                             "frozen)") from None
         raise
     if isinstance(state, dict) and "trainable" in state:
         return state
@@ -64,15 +128,29 @@ def released_checkpoint(path):
     return isinstance(state, dict) and isinstance(state.get("model"), dict)
 
 
+def clip_weights(path):
+    """Whether path is a file clip_min.load reads (an OpenAI archive, a safetensors file, ...)."""
+    try:
+        return bool(clip_min.weights.read_weights(path)[0])
+    except Exception:  # whatever the readers make of it, it is no weights file
+        return False
+
+
 def trained_model(state, device, clip=None, activation=None, method=None, dataset=None):
     """The model a train.py checkpoint holds (state: read_run_checkpoint's), in eval mode: its backbone (or `clip`) with
-    its method and trained weights. Without a state, `method` on the frozen backbone (zeroshot: CLIP itself)."""
-    saved = state.get("args", {})
-    method = method or state["method"]
-    backbone = load_backbone(clip or state.get("clip"), dataset or saved.get("dataset"), saved.get("seed", recipe.SEED),
-                             device, activation or state.get("activation"))
-    options = state.get("options", {}) if method == state.get("method") else {}  # the trained method's sizes
-    model = adapter.apply(backbone, method, **options).to(device).eval()
+    its method and trained weights. Without a state, `method` on the frozen backbone of `clip` and `dataset`
+    (zeroshot: CLIP itself). A method other than the checkpoint's is refused: its tensors would not fit."""
+    if state and method not in (None, state["method"]):
+        raise ValueError(f"this checkpoint was trained with method {state['method']}, not {method}: leave --method "
+                         f"out (or pass --method {state['method']})")
+    method, given, seed = method or state["method"], clip, recipe.SEED
+    if state and clip is None:
+        clip, dataset, seed = recorded_backbone(state)
+    backbone = load_backbone(clip, dataset, seed, device, activation or state.get("activation"))
+    if state.get("backbone") and given and not same_backbone(state["backbone"], given, None, None):
+        print(f"note: --clip {given} is not the backbone this checkpoint was trained on (other weights, or the same "
+              "ones in another file format): scoring with it")
+    model = adapter.apply(backbone, method, **state.get("options", {})).to(device).eval()  # the trained sizes
     if state:
         adapter.load_trainable(model, state["trainable"])
     return model
@@ -163,10 +241,10 @@ def _say(line):
     print(" ".join(str(line).split("\n")), file=sys.stderr, flush=True)  # one line, whatever the message holds
 
 
-def run_command(main, interrupted=None):
+def run_command(main):
     """Run a command's main(): what a user's file, value or signal ends becomes one line on stderr and an exit
     status (1, 2 for usage, 128 + the signal's number); a traceback is kept for the project's own bugs, and for
-    every failure with PE_RSITR_TRACEBACK=1. interrupted: the command's own line for a stop by a signal."""
+    every failure with PE_RSITR_TRACEBACK=1. A stop by a signal says its message (how to go on), if any."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends like Ctrl-C: a line, not silence
     try:
@@ -176,7 +254,7 @@ def run_command(main, interrupted=None):
             raise
         signum = getattr(e, "signum", signal.SIGINT)
         print(file=sys.stderr)  # off the line the terminal's ^C is on
-        _say(interrupted or (e.args[0] if e.args else "interrupted"))
+        _say(e.args[0] if e.args else "interrupted")
         sys.exit(128 + signum)
     except SystemExit as e:  # argparse's exit (its lines already said), or a command's refusal
         if isinstance(e.code, str) and not os.environ.get("PE_RSITR_TRACEBACK"):

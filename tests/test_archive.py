@@ -211,6 +211,38 @@ def test_unreadable_images_are_named_when_decoded(tmp_path, content):
     assert not os.listdir(tmp_path / "cache")  # nothing half-written is left behind
 
 
+def test_duplicate_rows_are_dropped_and_counted(tmp_path, capsys):
+    """A row that repeats an image's caption word for word would count twice in training and in the recalls: it is
+    dropped, counted as duplicate_rows and said, here for each split that holds such an image."""
+    path = archive(tmp_path, [2, 1, 1, 2, 1, 1, 1, 1, 1, 1])
+    with open(path, "a") as f:
+        f.write("images/0.png,image 0 caption 1\nimages/0.png,image 0 caption 1\nimages/3.png,image 3 caption 0\n")
+    splits = [data.load_split(path, None, part) for part in ("trainval", "test")]
+    assert sum(len(s.captions) for s in splits) == 12 and sum(s.anomalies["duplicate_rows"] for s in splits) == 3
+    for split in splits:
+        for i in range(len(split.image_paths)):  # every caption once per image
+            captions = [c for c, o in zip(split.captions, split.image_of_caption) if o == i]
+            assert len(captions) == len(set(captions))
+    assert "duplicate_rows" in capsys.readouterr().out
+    data.main([path])
+    assert "  dropped or repaired: duplicate_rows" in capsys.readouterr().out
+
+
+def test_report_decodes_every_image_or_says_it_read_headers_only(tmp_path, capsys):
+    """The report decodes every image as training does, so a truncated one fails it, with the archive's line; with
+    --headers-only it passes and says that it read headers only. The note on a drawn test split comes once."""
+    path = archive(tmp_path, [1] * 6)  # no split column: the test split is drawn
+    png = tmp_path / "images" / "4.png"
+    png.write_bytes(png.read_bytes()[:60])  # the header whole, the pixels cut short
+    with pytest.raises(ValueError, match=r"pairs.csv line 6: cannot decode image .*4.png: .*truncated"):
+        data.main([path])
+    capsys.readouterr()
+    data.main([path, "--headers-only"])
+    out = capsys.readouterr().out
+    assert out.count("has no test rows") == 1
+    assert out.strip().splitlines()[-1].startswith("images: every header read, no pixels decoded (--headers-only)")
+
+
 # ---------------------------------------------------------------- training pairs each caption with its own image
 
 
@@ -317,13 +349,18 @@ def test_cache_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     assert len(os.listdir(cache)) == 2 and calls == [6, 6]
 
 
-@pytest.mark.parametrize("change", ["rewrite", "add", "remove", "touch"])
+@pytest.mark.parametrize("change", ["rewrite", "rewrite-same-mtime", "add", "remove", "touch"])
 def test_cache_follows_changed_added_and_removed_files(tmp_path, monkeypatch, change):
     paths, cache = images_on_disk(tmp_path), str(tmp_path / "cache")
     data.load_images(paths, 32, workers=1, cache=cache)
     calls = counting_decodes(monkeypatch)
     if change == "rewrite":  # new pixels, the same size on disk is not required
         Image.fromarray(np.zeros((30, 41, 3), np.uint8)).save(paths[2])
+    elif change == "rewrite-same-mtime":  # another size, the modification time set back (a copy that keeps times)
+        before = os.stat(paths[2])
+        Image.fromarray(np.zeros((30, 41, 3), np.uint8)).save(paths[2])
+        os.utime(paths[2], ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert os.stat(paths[2]).st_size != before.st_size and os.stat(paths[2]).st_mtime_ns == before.st_mtime_ns
     elif change == "touch":
         os.utime(paths[2], ns=(os.stat(paths[2]).st_atime_ns, os.stat(paths[2]).st_mtime_ns + 10 ** 9))
     elif change == "add":
@@ -350,7 +387,7 @@ def test_half_written_or_damaged_cache_files_are_never_read(tmp_path, monkeypatc
     def killed(*a, **k):
         raise KeyboardInterrupt
     os.remove(cache / name)
-    monkeypatch.setattr(data, "open_image", killed)
+    monkeypatch.setattr(data, "read_image", killed)
     with pytest.raises(KeyboardInterrupt):
         data.load_images(paths, 32, workers=1, cache=str(cache))
     assert sorted(os.listdir(cache)) == [f"{name}.999-deadbeef.tmp"]  # no final file, its own tmp removed
@@ -412,7 +449,7 @@ def test_report(tmp_path, capsys):
     assert "identical captions shared by several images (exact ties): 1 texts, 3 captions" in out
     assert "images in both training and test splits: 0" in out
     (tmp_path / "images" / "3.png").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match=r"error: cannot read image .*3.png"):
+    with pytest.raises(ValueError, match=r"pairs.csv line 5: cannot decode image .*3.png"):
         data.main([path])
     proc = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), str(tmp_path / "nothing.csv")],
                           capture_output=True, text=True, timeout=120)

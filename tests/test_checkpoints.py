@@ -367,7 +367,8 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
     monkeypatch.setattr(metrics, "similarity", lambda *a, **k: scored.append(real_similarity(*a, **k)) or scored[-1])
     evaluate.main(["--official-checkpoint", str(path), "--dataset", world.name, "--data-root", world.root,
                    "--workers", "1"])
-    assert "mrs (released checkpoint)" in capsys.readouterr().out and (tmp_path / "test_eval.json").is_file()
+    assert "mrs (released checkpoint)" in capsys.readouterr().out
+    assert (tmp_path / f"test_eval-{world.name}.json").is_file()
     split = data.load_split(world.name, world.root, "test")
     images = data.normalise(data.cache_images(split.image_paths, SMALL["image_resolution"], log_every=0))
     with torch.no_grad():
@@ -391,8 +392,8 @@ def test_a_run_records_its_backbones_activation(tmp_path, monkeypatch):
     best = tmp_path / "run" / "best.pt"
     assert torch.load(best, weights_only=True)["activation"] == "gelu"
     for activation, same in ((None, True), ("quick_gelu", False)):  # evaluate rebuilds the run's backbone
-        out = tmp_path / f"eval-{activation}.json"
-        evaluate.main(["--checkpoint", str(best), "--workers", "1", "--out", str(out)]
+        out = tmp_path / f"eval-{activation}" / "test_eval.json"
+        evaluate.main(["--checkpoint", str(best), "--workers", "1", "--out", str(out.parent)]
                       + (["--clip-activation", activation] if activation else []))
         assert ({k: json.loads(out.read_text())[k] for k in result} == result) == same
     with pytest.raises(SystemExit, match="--clip-activation gelu -> quick_gelu"):

@@ -50,8 +50,8 @@ def printed_metrics(text):
 
 
 def test_checkpoint_reproduces_the_runs_test_numbers(trained, tmp_path, capsys):
-    result = tmp_path / "eval.json"
-    evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--workers", "1", "--out", str(result)])
+    result = tmp_path / "test_eval.json"
+    evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--workers", "1", "--out", str(tmp_path)])
     with open(trained.out / "test.json") as f:
         expected = json.load(f)
     with open(result) as f:
@@ -65,9 +65,9 @@ def test_checkpoint_reproduces_the_runs_test_numbers(trained, tmp_path, capsys):
 
 def test_zeroshot_needs_no_checkpoint(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written into the working directory either
-    result = tmp_path / "zeroshot.json"
+    result = tmp_path / "zeroshot" / f"test_eval-{trained.name}.json"
     evaluate.main(["--method", "zeroshot", "--dataset", trained.name, "--data-root", trained.root,
-                   "--clip", trained.clip, "--workers", "1", "--out", str(result)])
+                   "--clip", trained.clip, "--workers", "1", "--out", str(result.parent)])
     with open(result) as f:
         written = json.load(f)
     assert written["checkpoint"] is None and written["method"] == "zeroshot"
@@ -75,14 +75,14 @@ def test_zeroshot_needs_no_checkpoint(trained, tmp_path, capsys, monkeypatch):
     zeroshot = train.main(["--method", "zeroshot", "--dataset", trained.name, "--data-root", trained.root,
                            "--clip", trained.clip, "--workers", "1", "--out", str(tmp_path / "run")])
     assert {k: written[k] for k in zeroshot} == zeroshot
-    assert sorted(os.listdir(tmp_path)) == ["run", "zeroshot.json"]
+    assert sorted(os.listdir(tmp_path)) == ["run", "zeroshot"]
 
 
 @pytest.mark.parametrize("k, columns", [(3, 3), (25, 20)], ids=["top3", "more-than-the-20-test-images"])
 def test_visualize_writes_a_gallery(trained, tmp_path, k, columns):
     evaluate.main(["--checkpoint", str(trained.out / "best.pt"), "--workers", "1", "--visualize", str(k),
-                   "--out", str(tmp_path / "eval.json")])
-    with Image.open(tmp_path / "eval.png") as png:
+                   "--out", str(tmp_path)])
+    with Image.open(tmp_path / "test_eval.png") as png:
         png.load()
         # A 330-pixel text column, then k thumbnails of 96 + 8 pixels, and room for a truth ranked below k.
         assert png.size[0] == 12 + 330 + 8 + (columns + 1) * 104 + 36
@@ -159,8 +159,42 @@ def test_checkpoint_options_and_precision(trained, tmp_path, monkeypatch):
     torch.save(state, tmp_path / "small.pt")
     seen = []
     monkeypatch.setattr(metrics, "similarity", lambda *a: seen.append(a[-1]) or torch.eye(len(a[1])).repeat(1, 5))
-    evaluate.main(["--checkpoint", str(tmp_path / "small.pt"), "--workers", "1", "--out", str(tmp_path / "e.json")])
+    evaluate.main(["--checkpoint", str(tmp_path / "small.pt"), "--workers", "1", "--out", str(tmp_path)])
     assert seen == ["off"]
+
+
+def test_a_checkpoint_is_scored_from_another_folder(trained, tmp_path, monkeypatch, capsys):
+    """A run trained with paths relative to its folder (--clip clip.pt, --data-root .) names its backbone by absolute
+    path and SHA-256: evaluate.py started from another folder rebuilds the same model and scores the run's numbers.
+    The backbone moved: said, with the option that finds it; --clip with the moved file scores the same. Scored on
+    another copy of the data, the result has its own file: the run's test_eval.json stays as it was."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    for name in (f"{trained.name}_precomp", f"{trained.name}_images"):
+        shutil.copytree(os.path.join(trained.root, name), home / name)
+    shutil.copy(trained.clip, home / "clip.pt")
+    monkeypatch.chdir(home)
+    train.main(["--dataset", trained.name, "--data-root", ".", "--clip", "clip.pt", "--workers", "1", "--epochs", "1",
+                "--batch-size", "8", "--out", "run"])
+    best, expected = home / "run" / "best.pt", json.loads((home / "run" / "test.json").read_text())
+    assert torch.load(best, weights_only=True)["backbone"]["file"] == str(home / "clip.pt")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def scored(*extra, name="test_eval.json"):
+        evaluate.main(["--checkpoint", str(best), "--workers", "1", *extra])
+        return {k: v for k, v in json.loads((home / "run" / name).read_text()).items() if k in expected}
+    assert scored() == expected
+    os.rename(home / "clip.pt", home / "moved.pt")
+    with pytest.raises(FileNotFoundError, match=r"backbone, .*home/clip.pt \(sha256 \w+...\), is not there any more"):
+        scored()
+    capsys.readouterr()
+    assert scored("--clip", str(home / "moved.pt")) == expected and "note:" not in capsys.readouterr().out
+    own = (home / "run" / "test_eval.json").read_text()
+    shutil.copytree(home / f"{trained.name}_images", tmp_path / "copy" / f"{trained.name}_images")
+    shutil.copytree(home / f"{trained.name}_precomp", tmp_path / "copy" / f"{trained.name}_precomp")
+    assert scored("--clip", str(home / "moved.pt"), "--data-root", str(tmp_path / "copy"),
+                  name=f"test_eval-{trained.name}.json") == expected
+    assert (home / "run" / "test_eval.json").read_text() == own
 
 
 def test_no_run_is_a_clear_error(tmp_path, monkeypatch):

@@ -72,9 +72,10 @@ def test_tiny_pretrain_writes_an_archive_that_loads_back(tmp_path):
 
 def test_table_is_table_py_on_the_demo_with_every_method(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(table, "main", calls.append)
+    monkeypatch.setattr(table, "main", lambda argv, again: calls.append((argv, again)))
     miniature.table(seeds=(0, 1), epochs=2, lr=1e-3, out_root=str(tmp_path))
-    args, forwarded = table.parse_args(calls[0])
+    args, forwarded = table.parse_args(calls[0][0])
+    assert calls[0][1] == "python miniature.py table --seeds 0 1 --epochs 2 --lr 0.001"  # what a stop says
     assert args.datasets == ["demo"] and args.seeds == [0, 1] and args.lr == 1e-3 and args.out == str(tmp_path)
     assert sorted(args.rows) == sorted([(m, "hmmc") for m in adapter.METHODS] + [("mrs", "infonce")])
     assert forwarded == ["--clip", runtime.DEMO_CLIP, "--epochs", "2"]

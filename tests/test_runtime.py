@@ -65,3 +65,27 @@ def test_trained_model_rebuilds_the_checkpoints_method_and_weights(tmp_path):
     torch.save(clip_min.CLIP(MICRO).state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
         runtime.read_run_checkpoint(str(tmp_path / "weights.pt"))
+
+
+def test_the_demos_backbone_is_named_as_the_bundled_mini_clip(tmp_path, monkeypatch, capsys):
+    """A demo run's checkpoints name the bundled mini CLIP as such (by default or by its path), so that evaluating
+    it on another dataset (a CSV) from any folder rebuilds it, not ViT-B/32; a checkpoint of an earlier version (no
+    record) gets its run's dataset's backbone, not the evaluated one's. Without the bundled file: the random tiny
+    CLIP, by its seed."""
+    record = runtime.backbone_record(None, "demo", 2)
+    assert record == {"bundled": "assets/mini-clip.pt", "sha256": clip_min.download.sha256_of(runtime.DEMO_CLIP)}
+    monkeypatch.chdir(tmp_path)
+    assert runtime.backbone_record(os.path.relpath(runtime.DEMO_CLIP), "pairs.csv", 2) == record
+    model = adapter.apply(clip_min.load(runtime.DEMO_CLIP)[0], "mrs")
+    state = {"trainable": adapter.trainable_state_dict(model), "method": "mrs", "options": model.petl_options,
+             "clip": None, "backbone": record, "activation": "quick_gelu", "args": {"dataset": "demo", "seed": 2}}
+    loaded, real = [], runtime.load_backbone
+    monkeypatch.setattr(runtime, "load_backbone", lambda clip, dataset, *a, **k: loaded.append((clip, dataset))
+                        or real(clip, dataset, *a, **k))
+    for checkpoint in (state, {k: v for k, v in state.items() if k != "backbone"}):
+        rebuilt = runtime.trained_model(checkpoint, torch.device("cpu"), dataset="pairs.csv")
+        assert rebuilt.config == demo.MINI_CLIP
+    assert loaded == [(runtime.DEMO_CLIP, None), (None, "demo")]
+    monkeypatch.setattr(runtime, "DEMO_CLIP", "/nonexistent/mini-clip.pt")
+    assert runtime.backbone_record(None, "demo", 3) == {"random_tiny_clip_seed": 3}
+    assert runtime.recorded_backbone({"backbone": {"random_tiny_clip_seed": 3}}) == (None, "demo", 3)

@@ -2,6 +2,8 @@
 a killed table continues to the same table; a changed setting is refused; the statistics and the figure."""
 import json
 import os
+import shlex
+import signal
 import threading
 from types import SimpleNamespace
 
@@ -154,6 +156,45 @@ def test_a_changed_setting_is_refused(world, tmp_path, monkeypatch):
         run("--seeds", "5")
 
 
+def test_a_stopped_table_says_its_own_command_and_what_was_saved(world, tmp_path, monkeypatch, capsys):
+    """SIGTERM during a cell's 13th step, between progress lines (every 50 steps): the cell saves that step and the
+    stop says the table's command, never the cell's train.py; started again, the cell resumes from what it saved."""
+    out, real_step, calls = tmp_path / "table", train.train_step, []
+    argv = ["--datasets", world.name, "--data-root", world.root, "--clip", world.clip, "--out", str(out), "--methods",
+            "mrs", *TRAIN, "--log-every", "50"]
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the step ends and is saved
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        table.main(argv)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.args[0] == (
+        f"cell 1/1 {world.name} mrs-hmmc s2 stopped (104 of 160 pairs saved): finished cells are kept, an "
+        f"interrupted one resumes from its last save. Continue with: {shlex.join(['python', 'table.py', *argv])}")
+    monkeypatch.setattr(train, "train_step", real_step)
+    capsys.readouterr()
+    table.main(argv)
+    assert "cell 1/1 demo_natural mrs-hmmc s2: resuming: 104 of 160 pairs trained, 56 to go" in capsys.readouterr().out
+
+
+def test_a_zero_shot_cell_ignores_what_only_training_reads(world, tmp_path, monkeypatch):
+    """A zero-shot cell trains nothing: other epochs, lr, batch size or margin leave it done; another precision,
+    which its scores depend on, is refused."""
+    def run(*extra):
+        return table.main(["--datasets", world.name, "--data-root", world.root, "--clip", world.clip, "--out",
+                           str(tmp_path), "--methods", "zeroshot", *TRAIN, *extra])
+
+    rows = run()
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"ran a finished zero-shot cell again: {argv}"))
+    assert run("--epochs", "2", "--lr", "1e-3", "--batch-size", "4", "--margin", "0.3") == rows
+    with pytest.raises(SystemExit, match="amp 'off' -> 'bf16'"):
+        run("--amp", "bf16")
+
+
 def test_progress_lines_from_metrics_jsonl(tmp_path, monkeypatch):
     """While a cell trains, its speed read from metrics.jsonl gives its ETA and the table's; a row not measured yet
     is assumed as fast as the mean of those measured."""
@@ -242,7 +283,7 @@ def test_figure_bars_follow_mr(tmp_path):
 
 def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left(tmp_path, monkeypatch):
     """The watcher says nothing new while nothing new was logged (validation, a slow step); a resumed cell's first
-    line says what is done and what is left, not its whole length."""
+    line says what its last.pt holds and what is left, not its whole length."""
     log = tmp_path / "a" / "metrics.jsonl"
     log.parent.mkdir()
     log.write_text(json.dumps({"epoch": 1, "step": 5, "pairs_per_s": 40.0}) + "\n")
@@ -263,8 +304,9 @@ def test_progress_lines_only_when_the_log_moved_and_what_a_resumed_cell_has_left
     table.watch(cell, [cell], {}, "cell 1/1", say, stop)
     assert [line.split(";")[0] for line in said] == ["cell 1/1: 40/160 pairs at 40.0 pairs/s",
                                                  "cell 1/1: 80/160 pairs at 40.0 pairs/s"]
-    cell.state = "resume"
-    assert table.begin(cell) == "resuming: 80 of 160 pairs trained, 80 to go"
+    cell.state = "resume"  # stopped by a signal at step 13 of 20, between progress lines: what last.pt holds counts
+    torch.save({"epoch": 0, "step": 13, "trainable": {}}, tmp_path / "a" / "last.pt")
+    assert table.begin(cell) == "resuming: 104 of 160 pairs trained, 56 to go"
 
 
 def test_the_papers_rows_and_their_marks():

@@ -316,6 +316,33 @@ def test_bad_arguments(world, tmp_path, monkeypatch):
                tmp_path / "one" / "last.pt")
     with pytest.raises(SystemExit, match="written on a GPU"):
         run(world, tmp_path / "one", "--epochs", "2", "--resume")
+    # The backbone is its weights, wherever they lie: other weights at the same path are another backbone.
+    torch.save(state, tmp_path / "one" / "last.pt")
+    torch.save({k: v + 1 for k, v in torch.load(world.clip, weights_only=True).items()}, tmp_path / "clip.pt")
+    with pytest.raises(SystemExit, match=rf"other settings .* --clip {world.clip} -> {tmp_path / 'clip.pt'}$"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume", "--clip", str(tmp_path / "clip.pt"))
+    torch.save({**state, "backbone": {**state["backbone"], "sha256": "0" * 64}}, tmp_path / "one" / "last.pt")
+    with pytest.raises(SystemExit, match=rf"other settings .* --clip {world.clip}: other weights now$"):
+        run(world, tmp_path / "one", "--epochs", "2", "--resume")
+
+
+def test_a_run_stopped_before_its_first_save_leaves_nothing(world, tmp_path, monkeypatch):
+    """Stopped at once (a second Ctrl-C, or before training began) before anything was saved: no folder is left to
+    refuse the command said, which is the same command, and which then runs to its end."""
+    out, real_step = tmp_path / "run", train.train_step
+
+    def stop(*a, **k):  # Ctrl-C pressed twice: at once, as the first step begins
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_step", stop)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(world, out, "--epochs", "1")
+    assert stopped.value.args[0] == ("stopped at once (nothing saved). Go on with: python train.py "
+                                     + " ".join(args_for(world, out, "--epochs", "1")))
+    assert not out.exists()
+    monkeypatch.setattr(train, "train_step", real_step)
+    run(world, out, "--epochs", "1")
+    assert (out / "test.json").exists()
 
 
 def test_compiled_encoder_matches_eager():
