@@ -67,7 +67,7 @@ def row_blocks(rows_of, n_images, chunk):
         yield start, rows_of(first, first + chunk)[start - first:]
 
 
-def count(mask, dim):
+def count_true(mask, dim):
     """The True entries of a boolean block along dim. Summing a boolean block first copies it into the sum's dtype
     (int64 by default, and in count_nonzero: 8 bytes an entry); int32 holds any count here, in half that."""
     return mask.sum(dim=dim, dtype=torch.int32)
@@ -83,7 +83,7 @@ def image_query_counts(rows, start, owners, truth_score):
     own = truth_score[captions] = rows[local, captions]
     best_own = own.new_empty(len(rows)).scatter_reduce_(0, local, own, "amax", include_self=False)
     truths = torch.bincount(local[own == best_own[local]], minlength=len(rows))
-    above, at_best = (count(rows > best_own[:, None], dim=1), count(rows == best_own[:, None], dim=1))
+    above, at_best = (count_true(rows > best_own[:, None], dim=1), count_true(rows == best_own[:, None], dim=1))
     return torch.stack((above, at_best - truths, truths))
 
 
@@ -97,15 +97,16 @@ def counts_by_blocks(rows_of, n_images, n_captions, image_of_caption, chunk, dev
     chunk = max(1, BLOCK_SIMILARITIES // n_captions) if chunk is None else chunk
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    image_queries = torch.empty(3, n_images, dtype=torch.long, device=device)
+    image_queries, truth_score = torch.empty(3, n_images, dtype=torch.long, device=device), None
     for start, rows in row_blocks(rows_of, n_images, chunk):
-        truth_score = rows.new_empty(n_captions) if start == 0 else truth_score
+        if truth_score is None:  # the first block tells the scores' dtype
+            truth_score = rows.new_empty(n_captions)
         image_queries[:, start:start + len(rows)] = image_query_counts(rows, start, owners, truth_score)
     above = torch.zeros(n_captions, dtype=torch.long, device=device)
     level = torch.zeros_like(above)  # the truth itself included
     for _, rows in row_blocks(rows_of, n_images, chunk):
-        above += count(rows > truth_score, dim=0)
-        level += count(rows == truth_score, dim=0)
+        above += count_true(rows > truth_score, dim=0)
+        level += count_true(rows == truth_score, dim=0)
     return {"i2t": tuple(image_queries), "t2i": (above, level - 1, torch.ones_like(above))}
 
 
