@@ -68,12 +68,13 @@ def heading(draw, y, width, title, legend):
     return y + 64
 
 
-def caption_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, size=96):
-    """Text to image: per caption, its wrapped text, its top-k images (rank above each, the truth framed green)
-    and, when the truth ranks below k, the truth at the right with its rank. Returns (y below, placed thumbnails)."""
+def caption_rows(draw, canvas, scores, split, images, k, image_of_caption, picks, y, size=96):
+    """Text to image: per caption, its wrapped text, its top-k images by its scores (rank above each, the truth
+    framed green) and, when the truth ranks below k, the truth at the right with its rank. Returns (y below, placed
+    thumbnails)."""
     text_width, pad, placed = 330, 8, []
-    for caption in picks:
-        order = sim[:, caption].argsort(descending=True).tolist()
+    for caption, row in zip(picks, scores):
+        order = row.argsort(descending=True).tolist()
         truth = image_of_caption[caption]
         lines = wrap(split.captions[caption], font(15), text_width, lines=6)
         draw.text((12, y + 18), "\n".join(lines), fill=INK, font=font(15), spacing=4)
@@ -95,16 +96,16 @@ def caption_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y
     return y, placed
 
 
-def image_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, width, size=96):
-    """Image to text: per image, its thumbnail and its top-k captions, one line each, + (green) for the image's own,
-    - for another's; when none of its own is in the top k, its best-ranked own caption with its rank."""
+def image_rows(draw, canvas, scores, split, images, k, image_of_caption, picks, y, width, size=96):
+    """Image to text: per image, its thumbnail and its top-k captions by its scores, one line each, + (green) for the
+    image's own, - for another's; when none of its own is in the top k, its best-ranked own caption with its rank."""
     face, line, pad, placed = font(14), 18, 8, []
     x, room = 12 + size + 2 * pad, width - 12 - size - 3 * pad
     columns = -(-k // 10)  # ten captions a column: the row stays short at k = 20 and uses the gallery's width
-    for i in picks:
+    for i, row in zip(picks, scores):
         canvas.paste(thumbnail(images, i, size), (12, y))
         placed.append((i, 0, i, (12, y)))
-        order = sim[i].argsort(descending=True).tolist()
+        order = row.argsort(descending=True).tolist()
         for rank, j in enumerate(order[:k], 1):
             own, column = image_of_caption[j] == i, (rank - 1) // 10
             text = shorten(f"{rank:>2}. {'+' if own else '-'} {split.captions[j]}", face, room // columns - pad)
@@ -120,10 +121,12 @@ def image_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, 
     return y, placed
 
 
-def gallery(sim, split, images, k, path, image_of_caption, queries=4):
+def gallery(features, split, images, k, path, image_of_caption, queries=4):
     """A PNG for people: for a few captions their top-k images, for a few images their top-k captions; the truth
-    framed (or written) in green, shown with its rank when it falls outside the top k. image_of_caption[j]: the
-    index of caption j's image. Returns the thumbnails placed: (query, rank - 1, image index, (x, y))."""
+    framed (or written) in green, shown with its rank when it falls outside the top k. features: the split's image
+    and caption embeddings (only the drawn queries' similarities are computed); image_of_caption[j]: the index of
+    caption j's image. Returns the thumbnails placed: (query, rank - 1, image index, (x, y))."""
+    image_features, caption_features = features
     k, size, pad = min(k, len(images)), 96, 8  # a small test set may hold fewer than k images
     width = 12 + 330 + pad + (k + 1) * (size + pad) + 3 * pad + 12
     captions = torch.linspace(0, len(split.captions) - 1, queries).long().tolist()
@@ -133,10 +136,12 @@ def gallery(sim, split, images, k, path, image_of_caption, queries=4):
     y = heading(draw, 8, width, f"Text to image: each caption's top {k} images, best first",
                 "green frame: the caption's own image (the truth); a truth ranked below "
                 f"{k} is shown at the right with its rank")
-    y, placed = caption_rows(draw, canvas, sim, split, images, k, image_of_caption, captions, y)
+    y, placed = caption_rows(draw, canvas, caption_features[captions] @ image_features.t(), split, images, k,
+                             image_of_caption, captions, y)
     y = heading(draw, y + 8, width, f"Image to text: each image's top {k} captions, best first",
                 "+ (green): a caption of this image (a truth); -: another image's caption")
-    y, _ = image_rows(draw, canvas, sim, split, images, k, image_of_caption, picks, y, width)
+    y, _ = image_rows(draw, canvas, image_features[picks] @ caption_features.t(), split, images, k, image_of_caption,
+                      picks, y, width)
     canvas.crop((0, 0, width, y)).save(path)
     return placed
 
@@ -229,11 +234,12 @@ def main(argv=None):
     images = data.decode_split(split, model.visual.input_resolution, workers=args.workers,
                                cache=data.decode_cache_choice(args))
     tokens = clip_min.tokenize(split.captions, truncate=True)
-    sim = metrics.similarity(model, images, tokens, device, amp)
-    scores = metrics.retrieval_metrics(sim, split.image_of_caption)
+    features = metrics.split_embeddings(model, images, tokens, device, amp)
+    counts = metrics.embedding_counts(*features, split.image_of_caption)
+    scores = metrics.recalls(counts)
     print(f"{args.dataset} test ({len(split.image_paths)} images, {len(split.captions)} captions), {method}:")
     print(metrics.format_metrics(scores))
-    print(metrics.tie_bounds(sim, scores, split.image_of_caption) or "no exact ties at any query's truth")
+    print(metrics.tie_bounds(counts) or "no exact ties at any query's truth")
     checkpoint = args.checkpoint or args.official_checkpoint
     out = result_path(args, checkpoint, saved)
     try:
@@ -245,7 +251,7 @@ def main(argv=None):
     print(f"wrote {out}")
     if args.visualize:
         png = os.path.splitext(out)[0] + ".png"
-        gallery(sim.cpu(), split, images, args.visualize, png, split.image_of_caption)
+        gallery([f.cpu() for f in features], split, images, args.visualize, png, split.image_of_caption)
         print(f"wrote {png}")
 
 

@@ -1,8 +1,10 @@
 """The recall protocol of image-text retrieval: cosine similarities of a split, R@1/5/10 in both directions and mR as
 the field's code computes them, with exactly tied scores counted exactly.
 
-    similarity = metrics.similarity(model, images, tokens, device)      # [images x captions]
-    print(metrics.format_metrics(metrics.retrieval_metrics(similarity, split.image_of_caption)))
+    images_emb, captions_emb = metrics.split_embeddings(model, images, tokens, device)
+    counts = metrics.embedding_counts(images_emb, captions_emb, split.image_of_caption)  # a block of queries at a time
+    print(metrics.format_metrics(metrics.recalls(counts)))
+    print(metrics.tie_bounds(counts))  # the other tie rules' mR, when ties touch a truth
 """
 import time
 
@@ -51,49 +53,87 @@ def caption_owners(image_of_caption, n_images, n_captions, device=None):
     return owners
 
 
-def retrieval_metrics(similarity, image_of_caption=None, ties="expected", chunk=1024):
-    """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix.
+# Similarities per block of image queries: 32 MB in float32, a whole test split of the paper's datasets in one block.
+BLOCK_SIMILARITIES = 2 ** 23
 
-    image_of_caption: the image index of each caption (a list or LongTensor; any number of captions per image, in
-    any order), or an int k for k captions per image in image order, or None for an equal number in image order.
-    Image -> text: an image's rank is the best rank among its own captions. Text -> image: each caption ranks all
-    images. R@K = 100 * fraction of queries with rank < K.
-    Exactly tied scores (identical captions or images) are ordered by `ties`: "expected" averages R@K over all
-    orders of the tied candidates (exact, no sampling; what the released code gives on average over arbitrary
-    argsort orders), "pessimistic" puts every tied wrong candidate first (a collapsed model gets rank N - 1) and
-    "optimistic" puts them last. "tied_queries" counts the queries (both directions) whose truth ties with a wrong
-    candidate: only those differ between the rules. Queries are processed `chunk` at a time (memory O(chunk x N)).
-    """
+
+def row_blocks(rows_of, n_images, chunk):
+    """(start, similarity rows start..start + chunk) per block of image queries, from rows_of(first, stop). Every
+    block is computed `chunk` rows tall (the last one overlaps the one before and keeps its new rows): BLAS libraries
+    pick a kernel by shape, and a shorter block would round its products differently (an image duplicated across
+    blocks would no longer tie with itself)."""
+    for start in range(0, n_images, chunk):
+        first = max(0, min(start, n_images - chunk))
+        yield start, rows_of(first, first + chunk)[start - first:]
+
+
+def count_true(mask, dim):
+    """The True entries of a boolean block along dim. Summing a boolean block first copies it into the sum's dtype
+    (int64 by default, and in count_nonzero: 8 bytes an entry); int32 holds any count here, in half that."""
+    return mask.sum(dim=dim, dtype=torch.int32)
+
+
+def image_query_counts(rows, start, owners, truth_score):
+    """(above, tied, truths) of the image queries start..start + len(rows) (hit_probability's terms); writes the
+    truth score of each of their captions (its similarity with its own image) into truth_score."""
+    if torch.isnan(rows).any():
+        raise ValueError("similarity contains NaN")
+    captions = torch.nonzero((owners >= start) & (owners < start + len(rows))).squeeze(1)
+    local = owners[captions] - start
+    own = truth_score[captions] = rows[local, captions]
+    best_own = own.new_empty(len(rows)).scatter_reduce_(0, local, own, "amax", include_self=False)
+    truths = torch.bincount(local[own == best_own[local]], minlength=len(rows))
+    above, at_best = (count_true(rows > best_own[:, None], dim=1), count_true(rows == best_own[:, None], dim=1))
+    return torch.stack((above, at_best - truths, truths))
+
+
+def counts_by_blocks(rows_of, n_images, n_captions, image_of_caption, chunk, device):
+    """(above, tied, truths) of every query in both directions, from the similarity rows rows_of(first, stop), one
+    block of image queries at a time, in two passes: the image queries and each caption's truth score, then per
+    caption the images that score above and level with its truth. Memory O(chunk x captions). The outputs are
+    allocated once and nothing else outlives a block, so that a heap which keeps freed memory
+    (runtime.keep_freed_memory) can give one block's memory to the next."""
+    owners = caption_owners(image_of_caption, n_images, n_captions, device=device)
+    chunk = max(1, BLOCK_SIMILARITIES // n_captions) if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    image_queries, truth_score = torch.empty(3, n_images, dtype=torch.long, device=device), None
+    for start, rows in row_blocks(rows_of, n_images, chunk):
+        if truth_score is None:  # the first block tells the scores' dtype
+            truth_score = rows.new_empty(n_captions)
+        image_queries[:, start:start + len(rows)] = image_query_counts(rows, start, owners, truth_score)
+    above = torch.zeros(n_captions, dtype=torch.long, device=device)
+    level = torch.zeros_like(above)  # the truth itself included
+    for _, rows in row_blocks(rows_of, n_images, chunk):
+        above += count_true(rows > truth_score, dim=0)
+        level += count_true(rows == truth_score, dim=0)
+    return {"i2t": tuple(image_queries), "t2i": (above, level - 1, torch.ones_like(above))}
+
+
+def embedding_counts(image_features, caption_features, image_of_caption=None, chunk=None):
+    """The counts recalls() turns into R@K, from a split's embeddings [images, d] and [captions, d]: the cosine
+    similarities image_features @ caption_features.T computed `chunk` image rows at a time [BLOCK_SIMILARITIES per
+    block] and dropped, never the whole matrix. image_of_caption as in retrieval_metrics."""
+    return counts_by_blocks(lambda first, stop: image_features[first:stop] @ caption_features.t(),
+                            len(image_features), len(caption_features), image_of_caption, chunk, image_features.device)
+
+
+def similarity_counts(similarity, image_of_caption=None, chunk=None):
+    """The counts recalls() turns into R@K, from an [images x captions] similarity matrix."""
     similarity = torch.as_tensor(similarity)
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be a 2-D [images x captions] matrix, got shape {tuple(similarity.shape)}")
-    owners = caption_owners(image_of_caption, *similarity.shape, device=similarity.device)
-    if torch.isnan(similarity).any():
-        raise ValueError("similarity contains NaN")
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
+    return counts_by_blocks(lambda first, stop: similarity[first:stop], *similarity.shape, image_of_caption, chunk,
+                            similarity.device)
+
+
+def recalls(counts, ties="expected"):
+    """Recall@1/5/10 in both directions and their mean mR, in percent, and tied_queries, from the counts of
+    embedding_counts or similarity_counts; ties as in retrieval_metrics."""
     if ties not in ("expected", "pessimistic", "optimistic"):
         raise ValueError(f"ties must be 'expected', 'pessimistic' or 'optimistic', got {ties!r}")
-
-    counts = {"i2t": [], "t2i": []}  # per chunk: (above, tied, truths) of each query
-    for start in range(0, similarity.shape[0], chunk):
-        rows = similarity[start:start + chunk]
-        own = owners[None, :] == torch.arange(start, start + len(rows), device=similarity.device)[:, None]
-        lowest = -torch.inf if rows.is_floating_point() else torch.iinfo(rows.dtype).min
-        best_own = torch.where(own, rows, lowest).amax(dim=1, keepdim=True)  # a mask: any number per image
-        at_best = rows == best_own
-        truths = (at_best & own).sum(dim=1)
-        counts["i2t"].append(((rows > best_own).sum(dim=1), at_best.sum(dim=1) - truths, truths))
-    for start in range(0, similarity.shape[1], chunk):
-        columns = similarity[:, start:start + chunk]
-        captions = torch.arange(start, start + columns.shape[1], device=similarity.device)
-        truth_score = columns[owners[captions], captions - start][None, :]
-        tied = (columns == truth_score).sum(dim=0) - 1  # the truth itself is not a tied wrong candidate
-        counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
-
     metrics, tied_queries = {}, 0
-    for direction, chunks in counts.items():
-        above, tied, truths = (torch.cat(c) for c in zip(*chunks))
+    for direction, (above, tied, truths) in counts.items():
         tied_queries += (tied > 0).sum().item()
         for k in (1, 5, 10):
             hits = hit_probability(above, tied, truths, k, ties).sum().item()
@@ -103,32 +143,58 @@ def retrieval_metrics(similarity, image_of_caption=None, ties="expected", chunk=
     return metrics
 
 
-def tie_bounds(similarity, metrics, image_of_caption=None):
+def retrieval_metrics(similarity, image_of_caption=None, ties="expected", chunk=None):
+    """Recall@1/5/10 in both directions and their mean, in percent, from an [images x captions] similarity matrix
+    (from a split's embeddings without the matrix: embedding_counts, then recalls).
+
+    image_of_caption: the image index of each caption (a list or LongTensor; any number of captions per image, in
+    any order), or an int k for k captions per image in image order, or None for an equal number in image order.
+    Image -> text: an image's rank is the best rank among its own captions. Text -> image: each caption ranks all
+    images. R@K = 100 * fraction of queries with rank < K.
+    Exactly tied scores (identical captions or images) are ordered by `ties`: "expected" averages R@K over all
+    orders of the tied candidates (exact, no sampling; what the released code gives on average over arbitrary
+    argsort orders), "pessimistic" puts every tied wrong candidate first (a collapsed model gets rank N - 1) and
+    "optimistic" puts them last. "tied_queries" counts the queries (both directions) whose truth ties with a wrong
+    candidate: only those differ between the rules. Image queries are processed `chunk` at a time.
+    """
+    return recalls(similarity_counts(similarity, image_of_caption, chunk), ties)
+
+
+def tie_bounds(counts):
     """A line with the pessimistic and optimistic mR when exact ties touch the truth of some query, else ''."""
-    if not metrics["tied_queries"]:
+    low, high = (recalls(counts, rule) for rule in ("pessimistic", "optimistic"))
+    if not low["tied_queries"]:
         return ""
-    low, high = (retrieval_metrics(similarity, image_of_caption, ties=rule)["mR"]
-                 for rule in ("pessimistic", "optimistic"))
-    return (f"exact ties touch the truth of {metrics['tied_queries']} of {sum(similarity.shape)} queries: mR "
-            f"{low:.2f} if every tie went against the truth, {high:.2f} if every one went for it")
+    queries = sum(len(above) for above, _, _ in counts.values())
+    return (f"exact ties touch the truth of {low['tied_queries']} of {queries} queries: mR {low['mR']:.2f} if every "
+            f"tie went against the truth, {high['mR']:.2f} if every one went for it")
 
 
-def similarity(model, images, tokens, device, amp="off", batch_size=128, progress_seconds=10.0):
-    """Cosine similarities [images x captions] of a split; images: uint8 [N, 3, r, r], tokens: [captions, ctx].
-    A progress line at most every `progress_seconds` (a large split on a CPU takes minutes)."""
-    features, said_at = {"images": [], "captions": []}, time.time()
+def split_embeddings(model, images, tokens, device, amp="off", batch_size=128, progress_seconds=10.0):
+    """L2-normalised float32 embeddings of a split on `device`: (images [N, d], captions [captions, d]); images: uint8
+    [N, 3, r, r], tokens: [captions, ctx] of any integer dtype. A progress line at most every `progress_seconds` (a
+    large split on a CPU takes minutes)."""
+    features, said_at = {}, time.time()
     with torch.no_grad(), runtime.autocast(device.type, amp):
         for kind, inputs in (("images", images), ("captions", tokens)):
             for i in range(0, len(inputs), batch_size):
                 if kind == "images":
                     embeddings = model.encode_image(data.normalise(inputs[i:i + batch_size].to(device)))
                 else:
-                    embeddings = model.encode_text(clip_min.trim(inputs[i:i + batch_size]).to(device))
-                features[kind].append(F.normalize(embeddings.float(), dim=-1))
+                    embeddings = model.encode_text(clip_min.trim(inputs[i:i + batch_size].long()).to(device))
+                if i == 0:  # filled in place: nothing else outlives a batch (a heap that keeps freed memory grows less)
+                    features[kind] = torch.empty(len(inputs), embeddings.shape[1], device=device)
+                features[kind][i:i + batch_size] = F.normalize(embeddings.float(), dim=-1)
                 if time.time() - said_at >= progress_seconds:
                     print(f"encoded {min(i + batch_size, len(inputs))}/{len(inputs)} {kind}", flush=True)
                     said_at = time.time()
-    return torch.cat(features["images"]) @ torch.cat(features["captions"]).t()
+    return features["images"], features["captions"]
+
+
+def similarity(model, images, tokens, device, **options):
+    """The whole [images x captions] cosine similarity matrix of a small split (options: split_embeddings')."""
+    image_features, caption_features = split_embeddings(model, images, tokens, device, **options)
+    return image_features @ caption_features.t()
 
 
 def format_metrics(m):

@@ -130,12 +130,13 @@ def read_splits(args, rank):
 
 
 def decode(splits, resolution, args):
-    """Each split's images decoded (once: later runs memory-map data.load_images' cache), its captions tokenized, and
-    the image of each caption: {part: (images, tokens, image_of_caption)}."""
+    """Each split's images decoded (once: later runs memory-map data.load_images' cache), its captions tokenized (in
+    16 bits: CLIP's 49,408 token ids fit, widened per batch), and the image of each caption:
+    {part: (images, tokens, image_of_caption)}."""
     decoded, cache = {}, data.decode_cache_choice(args)
     for part, split in splits.items():
         decoded[part] = (data.decode_split(split, resolution, workers=args.workers, cache=cache),
-                         clip_min.tokenize(split.captions, truncate=True),
+                         clip_min.tokenize(split.captions, truncate=True).to(torch.uint16),
                          torch.as_tensor(split.image_of_caption, dtype=torch.long))
         print(split.summary())
     return decoded
@@ -146,7 +147,7 @@ def train_step(encoder, optimizer, scaler, images, tokens, image_ids, args):
     tokens may stay on the CPU: they are cut there and then moved to the images' device."""
     # Cut to the longest caption while the tokens are still on the host, where reading the length costs no wait
     # for the GPU.
-    tokens = clip_min.trim(tokens).to(images.device, non_blocking=True)
+    tokens = clip_min.trim(tokens.long()).to(images.device, non_blocking=True)
     with runtime.autocast(images.device.type, args.amp):
         *views, logit_scale = encoder(images, tokens)
     # Negatives come from every process's batch (identity on a single process).
@@ -342,9 +343,10 @@ def record(run, entry):
 def score(run, split, say_ties=False):
     """The recall metrics of a split (val or test) under the current weights."""
     images, tokens, image_of_caption = run.splits[split]
-    similarity = metrics.similarity(run.model, images, tokens, run.device, run.args.amp)
-    scores = metrics.retrieval_metrics(similarity, image_of_caption)
-    bounds = metrics.tie_bounds(similarity, scores, image_of_caption) if say_ties else ""
+    features = metrics.split_embeddings(run.model, images, tokens, run.device, run.args.amp)
+    counts = metrics.embedding_counts(*features, image_of_caption)
+    scores = metrics.recalls(counts)
+    bounds = metrics.tie_bounds(counts) if say_ties else ""
     if bounds:
         log(bounds)
     return scores

@@ -1,9 +1,9 @@
-"""Measure the decode cache on generated archives: the peak anonymous memory (RssAnon) and wall time of one
-train.py --epochs 1 on a CSV archive of 3,000 and of 12,000 images (a first run that decodes into the cache, a second,
-identical run that memory-maps it, and a run without the cache), then the decode time the cache saves table.py on the
-demo. Prints numbers; docs/data.md holds a run's.
+"""Measure what a train.py epoch holds as the archive grows, and the decode cache, on generated archives: the peak
+anonymous memory (RssAnon) and wall time of one train.py --epochs 1 on a CSV archive of 3,000 and of 12,000 images (a
+first run that decodes into the cache, a second, identical run that memory-maps it, and a run without the cache), then
+the decode time the cache saves table.py on the demo. Prints numbers; docs/data.md holds a run's.
 
-    python archive_bench.py [--root /tmp/pe-rsitr-archive] [--sizes 3000 12000]
+    python -m benchmarks.archive_bench [--root /tmp/pe-rsitr-archive] [--sizes 3000 12000]
 
 The images (256 x 256 JPEG: noise and shapes, 1 to 5 captions each) are generated once under --root and reused.
 """
@@ -138,7 +138,7 @@ def main():
     os.makedirs(args.root, exist_ok=True)
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), "unknown")
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d')}, CPU: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
     clip = os.path.join(args.root, "small-clip-224.pt")
     torch.manual_seed(0)
     torch.save(clip_min.CLIP(SMALL).state_dict(), clip)

@@ -362,9 +362,10 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
     monkeypatch.setattr(clip_min.download, "DEFAULT_ROOT", str(tmp_path / "clip-cache"))
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     baseline, _ = write_released_training_checkpoint(path, tmp_path / "marker")
-    scored = []  # the similarities evaluate.py computes, next to those of the released forward on the same split
-    real_similarity = metrics.similarity
-    monkeypatch.setattr(metrics, "similarity", lambda *a, **k: scored.append(real_similarity(*a, **k)) or scored[-1])
+    scored = []  # the embeddings evaluate.py computes, scored next to the released forward on the same split
+    real_embeddings = metrics.split_embeddings
+    monkeypatch.setattr(metrics, "split_embeddings",
+                        lambda *a, **k: scored.append(real_embeddings(*a, **k)) or scored[-1])
     evaluate.main(["--official-checkpoint", str(path), "--dataset", world.name, "--data-root", world.root,
                    "--workers", "1"])
     assert "mrs (released checkpoint)" in capsys.readouterr().out
@@ -374,7 +375,7 @@ def test_evaluate_command_scores_an_official_checkpoint(tmp_path, monkeypatch, c
     with torch.no_grad():
         theirs = (F.normalize(baseline.encode_image(images, 0.0), dim=-1)
                   @ F.normalize(baseline.encode_text(clip_min.tokenize(split.captions), 0.0), dim=-1).t())
-    assert max_diff(scored[0], theirs) < 1e-4
+    assert max_diff(scored[0][0] @ scored[0][1].t(), theirs) < 1e-4
     with pytest.raises(SystemExit):
         evaluate.main(["--official-checkpoint", str(path), "--method", "mrs", "--dataset", world.name])
     assert not (tmp_path / "marker").exists()

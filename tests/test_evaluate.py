@@ -106,7 +106,8 @@ def test_gallery_ranks_images_and_frames_the_truth(tmp_path):
     sim = torch.rand(6, 12, generator=torch.Generator().manual_seed(0))
     for caption, order in rankings.items():
         sim[order, caption] = torch.tensor([4.0, 3.0, 2.0, 1.5])  # above every random score
-    placed = evaluate.gallery(sim, split, images, 3, tmp_path / "gallery.png", image_of_caption)
+    # Embeddings whose product is sim: one-hot images, captions = the columns of sim.
+    placed = evaluate.gallery((torch.eye(6), sim.t()), split, images, 3, tmp_path / "gallery.png", image_of_caption)
 
     with Image.open(tmp_path / "gallery.png") as png:
         pixels = png.convert("RGB").load()
@@ -158,7 +159,8 @@ def test_checkpoint_options_and_precision(trained, tmp_path, monkeypatch):
                  args={**state["args"], "amp": "bf16"})
     torch.save(state, tmp_path / "small.pt")
     seen = []
-    monkeypatch.setattr(metrics, "similarity", lambda *a: seen.append(a[-1]) or torch.eye(len(a[1])).repeat(1, 5))
+    monkeypatch.setattr(metrics, "split_embeddings",
+                        lambda *a: seen.append(a[-1]) or (torch.eye(len(a[1])), torch.eye(len(a[1])).repeat(5, 1)))
     evaluate.main(["--checkpoint", str(tmp_path / "small.pt"), "--workers", "1", "--out", str(tmp_path)])
     assert seen == ["off"]
 

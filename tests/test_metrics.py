@@ -6,6 +6,7 @@ from math import comb
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import metrics
 from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
@@ -233,10 +234,10 @@ def test_bad_input_raises():
 
 def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
     untied = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
-    assert metrics.tie_bounds(untied, retrieval_metrics(untied)) == ""
+    assert metrics.tie_bounds(metrics.similarity_counts(untied)) == ""
     tied = ucm_like(0)
     scores = retrieval_metrics(tied)
-    line = metrics.tie_bounds(tied, scores)
+    line = metrics.tie_bounds(metrics.similarity_counts(tied))
     low, high = (retrieval_metrics(tied, ties=rule)["mR"] for rule in ("pessimistic", "optimistic"))
     assert f"{scores['tied_queries']} of {sum(tied.shape)} queries" in line
     assert f"mR {low:.2f} if every tie went against the truth, {high:.2f} if every one went for it" in line
@@ -244,6 +245,20 @@ def test_tie_bounds_line_names_the_affected_queries_and_both_bounds():
 
 
 # ---------------------------------------------------------------- any number of captions per image
+
+
+def scores_from_chunk_counts(counts, ties):
+    """The oracles' last step: {direction: [(above, tied, truths) per chunk]} -> the metrics."""
+    scores, tied_queries = {}, 0
+    for direction, chunks in counts.items():
+        above, tied, truths = (torch.cat(c) for c in zip(*chunks))
+        tied_queries += (tied > 0).sum().item()
+        for k in (1, 5, 10):
+            hits = metrics.hit_probability(above, tied, truths, k, ties).sum().item()
+            scores[f"{direction}_R@{k}"] = 100.0 * hits / len(above)
+    scores["mR"] = sum(scores.values()) / 6
+    scores["tied_queries"] = tied_queries
+    return scores
 
 
 def todays_retrieval_metrics(similarity, captions_per_image=5, ties="expected", chunk=1024):
@@ -265,16 +280,7 @@ def todays_retrieval_metrics(similarity, captions_per_image=5, ties="expected", 
         truth_score = columns[captions // captions_per_image, captions - start][None, :]
         tied = (columns == truth_score).sum(dim=0) - 1
         counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
-    scores, tied_queries = {}, 0
-    for direction, chunks in counts.items():
-        above, tied, truths = (torch.cat(c) for c in zip(*chunks))
-        tied_queries += (tied > 0).sum().item()
-        for k in (1, 5, 10):
-            hits = metrics.hit_probability(above, tied, truths, k, ties).sum().item()
-            scores[f"{direction}_R@{k}"] = 100.0 * hits / len(above)
-    scores["mR"] = sum(scores.values()) / 6
-    scores["tied_queries"] = tied_queries
-    return scores
+    return scores_from_chunk_counts(counts, ties)
 
 
 def mixed_owners(n_images, low, high, seed, shuffle=True):
@@ -348,3 +354,78 @@ def test_bad_image_of_caption_raises():
         retrieval_metrics(torch.randn(2, 3), [0, 1, 2])
     with pytest.raises(ValueError, match="1 of 3 images have no caption"):
         retrieval_metrics(torch.randn(3, 3), [0, 0, 2])
+
+
+# ---------------------------------------------------------------- blocks of queries, from the embeddings
+
+
+def whole_matrix_retrieval_metrics(similarity, owners, ties):
+    """The whole-matrix implementation that embedding_counts replaced, kept verbatim as the oracle: image queries
+    by rows and caption queries by columns of the one [images x captions] matrix."""
+    chunk, counts = 1024, {"i2t": [], "t2i": []}
+    for start in range(0, similarity.shape[0], chunk):
+        rows = similarity[start:start + chunk]
+        own = owners[None, :] == torch.arange(start, start + len(rows), device=similarity.device)[:, None]
+        lowest = -torch.inf if rows.is_floating_point() else torch.iinfo(rows.dtype).min
+        best_own = torch.where(own, rows, lowest).amax(dim=1, keepdim=True)  # a mask: any number per image
+        at_best = rows == best_own
+        truths = (at_best & own).sum(dim=1)
+        counts["i2t"].append(((rows > best_own).sum(dim=1), at_best.sum(dim=1) - truths, truths))
+    for start in range(0, similarity.shape[1], chunk):
+        columns = similarity[:, start:start + chunk]
+        captions = torch.arange(start, start + columns.shape[1], device=similarity.device)
+        truth_score = columns[owners[captions], captions - start][None, :]
+        tied = (columns == truth_score).sum(dim=0) - 1  # the truth itself is not a tied wrong candidate
+        counts["t2i"].append(((columns > truth_score).sum(dim=0), tied, torch.ones_like(tied)))
+    return scores_from_chunk_counts(counts, ties)
+
+
+def planted_embeddings(seed, n_images=83, dim=32, grid=False):
+    """(image embeddings, caption embeddings, image of each caption) with exact ties planted: 1 to 6 captions per
+    image in a shuffled order, each caption near its image; the last image a copy of image 5 (the two are in
+    different blocks), a caption of image 10 copied onto one of image 11, and one image with two equal captions.
+    grid: components on a quarter grid, so that every product is exact in float32 in any order of its sums."""
+    generator = torch.Generator().manual_seed(seed)
+    owners = mixed_owners(n_images, 1, 6, seed)
+    images = torch.randn(n_images, dim, generator=generator)
+    captions = images[owners] + torch.randn(len(owners), dim, generator=generator)
+    if grid:
+        images, captions = (torch.round(x.clamp(-2, 2) * 4) / 4 for x in (images, captions))
+    else:
+        images, captions = F.normalize(images, dim=-1), F.normalize(captions, dim=-1)
+    images[-1] = images[5]
+    of = {i: (owners == i).nonzero().squeeze(1) for i in (10, 11)}
+    captions[of[11][0]] = captions[of[10][0]]
+    pair = next((owners == i).nonzero().squeeze(1)[:2] for i in range(n_images) if (owners == i).sum() > 1)
+    captions[pair[1]] = captions[pair[0]]
+    return images, captions, owners
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_blocked_embeddings_equal_the_whole_matrix_exactly(seed):
+    """embedding_counts, which never holds the similarity matrix, gives the whole-matrix implementation's recalls
+    bit for bit, on the product of the same embeddings, under every tie rule. Continuous embeddings: blocks of 16
+    rows or more (a BLAS library takes other kernels for a few rows, which round differently; the blocks are as tall
+    as each other, so they hold the whole product's rows); embeddings on a grid: any block."""
+    for grid, chunks in ((False, (16, 25, 64, None)), (True, (1, 2, 7, 16, None))):
+        image_features, caption_features, owners = planted_embeddings(seed, grid=grid)
+        similarity = image_features @ caption_features.t()
+        for ties in RULES:
+            whole = whole_matrix_retrieval_metrics(similarity, owners, ties)
+            for chunk in chunks:
+                counts = metrics.embedding_counts(image_features, caption_features, owners, chunk)
+                assert metrics.recalls(counts, ties) == whole, (grid, ties, chunk)
+        assert whole["tied_queries"] >= 4 and whole["i2t_R@1"] > 10 and whole["t2i_R@1"] > 10
+
+
+def test_blocks_are_equally_tall_and_cover_each_query_once():
+    asked = []
+
+    def rows_of(first, stop):
+        asked.append((first, stop))
+        return torch.arange(first, min(stop, 23))
+
+    blocks = list(metrics.row_blocks(rows_of, 23, 5))
+    assert torch.equal(torch.cat([rows for _, rows in blocks]), torch.arange(23))
+    assert [start for start, _ in blocks] == [0, 5, 10, 15, 20] and all(stop - first == 5 for first, stop in asked)
+    assert asked[-1] == (18, 23)

@@ -115,18 +115,18 @@ def test_checkpoints_hold_the_trainable_tensors_and_best_is_the_best_validation(
 
 def test_best_checkpoint_follows_validation_and_is_tested(world, tmp_path, monkeypatch):
     """Validation scripted to peak at epoch 1 of 2: best.pt is epoch 1, and test.json scores best.pt, not last.pt."""
-    real_metrics, val_mr = metrics.retrieval_metrics, iter([0.0, 90.0, 10.0])  # before training, epoch 1, epoch 2
+    real_recalls, val_mr = metrics.recalls, iter([0.0, 90.0, 10.0])  # before training, epoch 1, epoch 2
 
-    def scripted(sim, *a, **k):
-        m = real_metrics(sim, *a, **k)
-        if len(sim) == 8:  # the validation split's 8 images (the test split has 20)
+    def scripted(counts, *a, **k):
+        m = real_recalls(counts, *a, **k)
+        if len(counts["i2t"][0]) == 8:  # the validation split's 8 image queries (the test split has 20)
             m["mR"] = next(val_mr)
         return m
 
-    monkeypatch.setattr(metrics, "retrieval_metrics", scripted)
+    monkeypatch.setattr(metrics, "recalls", scripted)
     out = tmp_path / "run"
     result = run(world, out, "--epochs", "2", "--lr", "1e-3")
-    monkeypatch.setattr(metrics, "retrieval_metrics", real_metrics)
+    monkeypatch.setattr(metrics, "recalls", real_recalls)
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 0 and best["best_mR"] == 90.0
     assert max_change(best["trainable"], trainable(out / "last.pt")) > 1e-4
