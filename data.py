@@ -39,7 +39,8 @@ from clip_min.transform import CLIP_MEAN, CLIP_STD
 
 DEMO_ROOT = os.environ.get("PE_RSITR_CACHE", os.path.expanduser("~/.cache/pe-rsitr"))  # generated demo datasets
 DECODE_CACHE_ENV = "PE_RSITR_DECODE_CACHE"  # a folder for decoded splits, or "off" [<DEMO_ROOT>/decoded]
-DECODE_VERSION = "8bit-short-side-bicubic-center-crop-then-rgb-2"  # part of every cache key: change it when pixels change
+# Part of every cache key: change it when the decoded pixels change.
+DECODE_VERSION = "8bit-short-side-bicubic-center-crop-then-rgb-2"
 CAPTIONS_PER_IMAGE = 5  # the precomp files of the paper's datasets; reading pads or cuts those images to five
 ARCHIVE_SUFFIXES = (".csv", ".tsv")
 SPLIT_VALUES = ("train", "val", "test")  # of a CSV's split column

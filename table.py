@@ -294,7 +294,8 @@ def run_cells(cells):
                 train.main(cell.argv + (["--resume"] if resume else ["--overwrite"]))  # checked by check()
         except KeyboardInterrupt as e:  # said with the table's command by main, not the cell's train.py command
             cell.state = "resume" if os.path.isfile(os.path.join(cell.out, "last.pt")) else "start"
-            saved = f"{progress(cell)[0]:,} of {cell.pairs:,} pairs saved" if cell.state == "resume" else "nothing saved"
+            saved = f"{progress(cell)[0]:,} of {cell.pairs:,} pairs saved" if cell.state == "resume" else \
+                "nothing saved"
             raise runtime.Interrupted(f"{label} stopped ({saved})", getattr(e, "signum", signal.SIGINT)) from None
         finally:
             stop.set()

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(usage="%(prog)s [options] (see --help)", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="rsitmd", help="rsitmd, rsicd, ucm, demo, any <name> found in --data-root, "
-                                                       "or a .csv/.tsv of image-caption pairs (open_clip's format) [%(default)s]")
+                   "or a .csv/.tsv of image-caption pairs (open_clip's format) [%(default)s]")
     p.add_argument("--data-root", help="folder holding <name>_precomp/ or dataset_<name>.json [data; demo: "
                                         "$PE_RSITR_CACHE or ~/.cache/pe-rsitr, where it is generated]")
     p.add_argument("--method", default="mrs", choices=adapter.METHODS, help="[%(default)s]")
@@ -49,9 +49,11 @@ def parse_args(argv=None):
                    "the file records, else QuickGELU; open_clip's plain ViT-B-32 and ViT-L-14 are gelu]")
     p.add_argument("--lr", type=float, default=None, help=f"[{recipe.LR:g}; demo: {recipe.DEMO['lr']:g}]")
     p.add_argument("--lr-decay-epoch", type=int, default=recipe.LR_DECAY_EPOCH, help="the first epoch (counted from "
-                   f"1) at lr x{recipe.LR_DECAY}, and again every as many epochs, as the released code decays it [%(default)s]")
+                   f"1) at lr x{recipe.LR_DECAY}, and again every as many epochs, as the released code decays it "
+                   "[%(default)s]")
     p.add_argument("--epochs", type=int, default=None, help=f"[{recipe.EPOCHS}; demo: {recipe.DEMO['epochs']}]")
-    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE, help="global batch, split across processes [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE,
+                   help="global batch, split across processes [%(default)s]")
     p.add_argument("--margin", type=float, default=recipe.MARGIN, help="of the hinge losses [%(default)s]")
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not each other's negatives")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="[bf16 on GPUs and CPUs with bf16 units, else off]")

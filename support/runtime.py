@@ -149,7 +149,7 @@ def trained_model(state, device, clip=None, activation=None, method=None, datase
     backbone = load_backbone(clip, dataset, seed, device, activation or state.get("activation"))
     if state.get("backbone") and given and not same_backbone(state["backbone"], given, None, None):
         print(f"note: --clip {given} is not the backbone this checkpoint was trained on (other weights, or the same "
-              "ones in another file format): scoring with it")
+              "ones in another file format): scoring with it", file=sys.stderr)
     model = adapter.apply(backbone, method, **state.get("options", {})).to(device).eval()  # the trained sizes
     if state:
         adapter.load_trainable(model, state["trainable"])

@@ -134,7 +134,7 @@ BAD_INPUTS = {
                                                                        r"character \(\\t: a tab\), got ';;'$"),
     "resume-and-overwrite": bad_value("--resume", "--overwrite", r"error: --resume continues the run in --out, "
                                                                 r"--overwrite replaces it: choose one$"),
-    # ---------------------------------------------------------------- train.py: data and backbone refused, no folder left
+    # ---------------------------------------------------------------- train.py: data or backbone refused: no folder
     # A --clip that does not exist: the batch is refused before the backbone is looked for.
     "batch-larger-than-the-data": row("train.py", lambda w: train_args(w, w.tmp / "big", "--batch-size", "1000",
                                                                        "--clip", "nowhere.pt"), 2,
@@ -291,7 +291,8 @@ def in_process(world, name, capsys, monkeypatch):
     return e.value.code, capsys.readouterr().err, before, {f: digest(world.tmp / f) for f in case.unchanged}
 
 
-@pytest.mark.parametrize("name", BAD_INPUTS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] * (name in SUBPROCESS))
+                                  for name in BAD_INPUTS])  # the subprocess rows: seconds of imports each
 def test_a_bad_input_ends_in_one_line(world, name, capsys, monkeypatch, request):
     case = BAD_INPUTS[name]
     code, stderr, before, after = request.getfixturevalue("outcomes")[name] if name in SUBPROCESS else \
@@ -305,6 +306,7 @@ def test_a_bad_input_ends_in_one_line(world, name, capsys, monkeypatch, request)
     assert not [f for f in case.absent if os.path.exists(world.tmp / f)]
 
 
+@pytest.mark.slow
 def test_a_traceback_on_request(outcomes):
     """PE_RSITR_TRACEBACK=1: the same failure with its traceback, for whoever debugs it."""
     proc = outcomes["traceback"]
