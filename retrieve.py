@@ -12,16 +12,13 @@ import argparse
 import contextlib
 import json
 import os
-import re
-import shutil
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from io import BytesIO
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
@@ -30,13 +27,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import clip_min
 import data
+from search import exact, server, store
 from support import runtime
 
-EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-MANIFEST, PENDING = "manifest.json", "pending"  # pending/: chunks of a run that has not finished
 BATCH = 32  # images per forward pass
 FILES_PER_CHUNK = 64  # files per saved chunk: what an interrupted run loses at most
-SEARCH_ROWS = 32768  # embeddings per matrix product of a search: 64 MB in fp32 at dim 512, whatever the index size
 MAX_UPLOAD = 20 * 2 ** 20
 THUMBNAIL = 256
 
@@ -76,23 +71,6 @@ def refuse_another_model(folder, old, record, tile):
 def model_label(record):
     made = f"checkpoint {record['checkpoint']} (sha256 {record['sha256'][:12]})" if record["checkpoint"] else "CLIP"
     return f"{made}, method {record['method']}, backbone {record['backbone']}, activation {record['activation']}"
-
-
-def scan(source, data_root, index_dir):
-    """path -> [size, mtime_ns] of the images under folder `source` (recursively), or of every split of dataset
-    `source` (data.prepare_dataset's names, under --data-root)."""
-    if os.path.isdir(source):
-        paths, skip = [], os.path.abspath(index_dir)
-        for folder, dirs, files in os.walk(os.path.abspath(source)):
-            dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != skip)
-            paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
-    elif os.sep in source or os.path.exists(source):  # a path, not a dataset's name
-        raise FileNotFoundError(f"no folder {source}")
-    else:
-        name, root = data.prepare_dataset(source, data_root)
-        paths = sorted({os.path.abspath(p) for part in ("trainval", "test")
-                        for p in data.load_split(name, root, part).image_paths})
-    return {p: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
 
 
 def tiles(width, height, size):
@@ -135,36 +113,6 @@ def embed_text(model, text, device, amp):
         return F.normalize(model.encode_text(clip_min.trim(tokens).to(device)).float(), dim=-1)[0].cpu()
 
 
-def write_atomically(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def read_manifest(folder):
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def pending_chunks(folder, key, wanted):
-    """(rows, embeddings) saved by a run with the same model and tiling that did not finish, the rows of files
-    wanted(path, stat) only; chunks of another model or tiling are removed."""
-    if (read_manifest(folder) or {}).get("key") != key:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        write_atomically(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps({"key": key}).encode()))
-    for name in sorted(n for n in os.listdir(folder) if n.endswith(".npz")):
-        with np.load(os.path.join(folder, name)) as chunk:
-            meta = json.loads(str(chunk["meta"]))
-            keep = np.array([wanted(p, meta["files"][p]) for p, _ in meta["rows"]], bool)
-            yield [row for row, k in zip(meta["rows"], keep) if k], chunk["embeddings"][keep]
-
-
 def encode_files(model, paths, found, tile, folder, device, amp, workers):
     """Encode `paths` chunk by chunk, each chunk saved under `folder` as soon as it is done; progress with an ETA."""
     started, said = time.time(), 0.0
@@ -177,7 +125,7 @@ def encode_files(model, paths, found, tile, folder, device, amp, workers):
             rows = [[p, box] for p, entries in done for box, _ in entries]
             embeddings = embed_images(model, [x for _, entries in done for _, x in entries], device, amp)
             meta = json.dumps({"rows": rows, "files": {p: found[p] for p, _ in done}})
-            write_atomically(os.path.join(folder, f"chunk-{time.time_ns()}.npz"),
+            store.write_atomically(os.path.join(folder, f"chunk-{time.time_ns()}.npz"),
                              lambda f: np.savez(f, embeddings=embeddings, meta=np.array(meta)))
             count, elapsed = first + len(group), time.time() - started
             if time.time() - said >= 5 or count == len(paths):
@@ -187,39 +135,10 @@ def encode_files(model, paths, found, tile, folder, device, amp, workers):
                 said = time.time()
 
 
-def kept_rows(manifest, embeddings, kept, step=65536):
-    """(rows, embeddings) of the old index's entries whose files are unchanged, a bounded slice at a time."""
-    rows = [i for i, (path, _) in enumerate(manifest["entries"]) if path in kept]
-    for i in range(0, len(rows), step):
-        yield [manifest["entries"][r] for r in rows[i:i + step]], embeddings[rows[i:i + step]]
-
-
-def write_index(folder, manifest, parts):
-    """The embeddings file first, then the manifest naming it replaces the old one in one os.replace: a reader sees
-    the old index or the new one, never a mix. Files no manifest names any more are removed last."""
-    parts = list(parts)
-    rows = sum(len(e) for _, e in parts)
-    path = os.path.join(folder, manifest["embeddings"])
-    out = np.lib.format.open_memmap(path + ".tmp", "w+", np.float16, (rows, manifest["dim"]))
-    position = 0
-    for entries, embeddings in parts:
-        out[position:position + len(embeddings)] = embeddings
-        position += len(embeddings)
-        manifest["entries"] += entries
-    out.flush()
-    del out
-    os.replace(path + ".tmp", path)
-    write_atomically(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
-    shutil.rmtree(os.path.join(folder, PENDING), ignore_errors=True)
-    for name in os.listdir(folder):
-        if name.startswith("embeddings-") and name != manifest["embeddings"]:
-            os.remove(os.path.join(folder, name))
-
-
 def index(args, device, amp):
     """Bring the index in args.index up to date with args.source; the counts of files."""
     os.makedirs(args.index, exist_ok=True)
-    current = read_manifest(args.index)
+    current = store.read_manifest(args.index)
     old = None if args.rebuild else current
     record, state = model_record(args)
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
@@ -229,51 +148,32 @@ def index(args, device, amp):
     record["activation"] = model.config.activation
     if old:
         refuse_another_model(args.index, old, record, tile)
-    found = scan(args.source, args.data_root, args.index)
+    found = store.scan(args.source, args.data_root, args.index)
     if not found:
-        raise ValueError(f"no images ({', '.join(EXTENSIONS)}) under {args.source}")
+        raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}")
     old_files = (old or {}).get("files", {})
     kept = {p for p, stat in old_files.items() if found.get(p) == stat}
-    folder, key = os.path.join(args.index, PENDING), json.dumps([record, tile])
+    folder, key = os.path.join(args.index, store.PENDING), json.dumps([record, tile])
     wanted = lambda path, stat: found.get(path) == stat and path not in kept  # noqa: E731
-    resumed = {p for rows, _ in pending_chunks(folder, key, wanted) for p, _ in rows}
+    resumed = {p for rows, _ in store.pending_chunks(folder, key, wanted) for p, _ in rows}
     if resumed:
         print(f"resuming: {len(resumed)} images were encoded by an interrupted run", flush=True)
     encode_files(model, [p for p in found if p not in kept and p not in resumed], found, tile, folder, device, amp,
                  args.workers)
-    new = list(pending_chunks(folder, key, wanted))
+    new = list(store.pending_chunks(folder, key, wanted))
     fresh = {p for rows, _ in new for p, _ in rows}
     manifest = {"format": 1, "generation": (current or {}).get("generation", 0) + 1, "model": record, "tile": tile,
                 "dim": model.config.embed_dim, "files": {p: found[p] for p in sorted(kept | fresh)}, "entries": []}
     manifest["embeddings"] = f"embeddings-{manifest['generation']}.npy"
-    old_parts = kept_rows(old, load_index(args.index)[1], kept) if kept else []
-    write_index(args.index, manifest, [*old_parts, *new])
+    old_parts = store.kept_rows(old, store.load_index(args.index)[1], kept) if kept else []
+    store.write_index(args.index, manifest, [*old_parts, *new])
     return {"encoded": len(fresh), "removed": len(set(old_files) - set(found)), "unchanged": len(kept),
             "total": len(manifest["files"])}
 
 
-def load_index(folder):
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise FileNotFoundError(f"no index in {folder} (make one: python retrieve.py index SOURCE --index {folder})")
-    return manifest, np.load(os.path.join(folder, manifest["embeddings"]), mmap_mode="r")
-
-
-def top_k(embeddings, query, k, step=SEARCH_ROWS):
-    """Exact top-k (scores, rows) of the query against every embedding: one matrix product per slice of the
-    memory-mapped rows and a running top-k, so memory stays bounded at any index size."""
-    scores, rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-    for start in range(0, len(embeddings), step):
-        block = torch.from_numpy(np.array(embeddings[start:start + step])).float() @ query.float()
-        scores, rows = torch.cat([scores, block]), torch.cat([rows, torch.arange(start, start + len(block))])
-        scores, best = scores.topk(min(k, len(scores)))
-        rows = rows[best]
-    return scores.tolist(), rows.tolist()
-
-
 def results(manifest, embeddings, query, k, label):
     """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves)."""
-    scores, rows = top_k(embeddings, query, k)
+    scores, rows = exact.top_k(embeddings, query, k)
     found = [{"id": r, "path": manifest["entries"][r][0], "score": round(s, 4), "tile": manifest["entries"][r][1]}
              for s, r in zip(scores, rows)]
     return {"query": label, "results": found}
@@ -314,7 +214,7 @@ def draw_gallery(found, path, query_image=None, size=200, columns=5):
 def search(args, device, amp):
     if (args.query is None) == (args.image is None):
         raise ValueError("give a text query or --image PATH (one of them)")
-    manifest, embeddings = load_index(args.index)
+    manifest, embeddings = store.load_index(args.index)
     model = load_model(manifest["model"], device, amp)
     query = embed_text(model, args.query, device, amp) if args.query is not None else embed_file(
         model, args.image, device, amp)
@@ -325,82 +225,9 @@ def search(args, device, amp):
     return found
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Search the archive</title><style>
-body{font:15px system-ui,sans-serif;margin:24px;color:#222} h1{font-size:22px;margin:0 0 12px}
-input[type=search]{font-size:16px;width:28em;padding:4px} #info{color:#555}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:14px}
-.result img{width:100%;aspect-ratio:1;object-fit:cover;cursor:pointer;border-radius:4px;background:#eee}
-.result div{font-size:13px;overflow-wrap:anywhere}</style></head><body>
-<h1>Search the archive</h1><form id="form"><input type="search" id="q" placeholder="a bridge over a river">
-<button>Search</button> or by an image: <input type="file" id="file" accept="image/*"></form>
-<p id="info">Type a description, upload an image, or click a result to find images like it.</p><div id="grid"></div>
-<script>
-const grid = document.getElementById("grid"), info = document.getElementById("info");
-function card(hit, rank) {
-  const box = document.createElement("div"), img = new Image(), text = document.createElement("div");
-  box.className = "result"; img.src = "/image/" + hit.id; img.title = "find images like this one";
-  img.onclick = () => run("id=" + hit.id);
-  const tile = hit.tile ? " @" + hit.tile[0] + "," + hit.tile[1] : "";
-  text.textContent = (rank + 1) + ". " + hit.score.toFixed(3) + " " + hit.path.split("/").pop() + tile;
-  box.append(img, text); return box;
-}
-async function run(query, upload) {
-  info.textContent = "searching...";
-  const answer = await (await fetch("/api/search?" + query, upload ? {method: "POST", body: upload} : {})).json();
-  info.textContent = answer.error ? "error: " + answer.error : answer.results.length + " results for " + answer.query;
-  grid.replaceChildren(...(answer.results || []).map(card));
-}
-const q = document.getElementById("q"), file = document.getElementById("file");
-document.getElementById("form").onsubmit = event => {
-  event.preventDefault(); history.replaceState(null, "", "?q=" + encodeURIComponent(q.value));
-  run("q=" + encodeURIComponent(q.value));
-};
-file.onchange = () => file.files.length && run("", file.files[0]);
-const asked = new URLSearchParams(location.search).get("q");
-if (asked) { q.value = asked; run("q=" + encodeURIComponent(asked)); }
-</script></body></html>"""
-
-
-class Handler(BaseHTTPRequestHandler):
-    """The page, GET/POST /api/search and GET /image/N (the N-th entry's thumbnail); no other path is served."""
-
-    def reply(self, code, body, kind="application/json"):
-        body = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        url, app = urlsplit(self.path), self.server.app
-        image = re.fullmatch(r"/image/(\d{1,12})", url.path)  # still percent-encoded: %2e%2e cannot match
-        if url.path == "/":
-            self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif url.path == "/api/search":
-            self.reply(*app["search"](parse_qs(url.query), None))
-        elif image and int(image[1]) < len(app["entries"]) and (thumb := app["thumbnail"](int(image[1]))):
-            self.reply(200, thumb, "image/jpeg")
-        else:
-            self.reply(404, {"error": "not found"})
-
-    def do_POST(self):
-        url, app = urlsplit(self.path), self.server.app
-        length = self.headers.get("Content-Length", "")
-        if url.path != "/api/search":
-            self.reply(404, {"error": "not found"})
-        elif not length.isdigit() or int(length) == 0:
-            self.reply(400, {"error": "POST an image file as the request body"})
-        elif int(length) > app["max_upload"]:
-            self.close_connection = True  # the body is not read
-            self.reply(413, {"error": f"the image is over {app['max_upload']} bytes"})
-        else:
-            self.reply(*app["search"](parse_qs(url.query), self.rfile.read(int(length))))
-
-
 def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
     """A ThreadingHTTPServer for the index in `folder`, its model and embeddings loaded once."""
-    manifest, embeddings = load_index(folder)
+    manifest, embeddings = store.load_index(folder)
     model, lock = load_model(manifest["model"], device, amp), threading.Lock()
 
     def query(params, upload):
@@ -435,21 +262,21 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
         except (OSError, ValueError):  # moved or deleted since it was indexed
             return None
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.app = {"search": query, "thumbnail": jpeg, "entries": manifest["entries"], "max_upload": max_upload}
-    return server
+    httpd = ThreadingHTTPServer((host, port), server.Handler)
+    httpd.app = {"search": query, "thumbnail": jpeg, "entries": manifest["entries"], "max_upload": max_upload}
+    return httpd
 
 
 def serve(args, device, amp):
-    server = make_server(args.index, args.host, args.port, device, amp)
-    host, port = server.server_address[:2]
-    print(f"serving {len(server.app['entries'])} entries of {args.index} at http://{host}:{port}/", flush=True)
+    httpd = make_server(args.index, args.host, args.port, device, amp)
+    host, port = httpd.server_address[:2]
+    print(f"serving {len(httpd.app['entries'])} entries of {args.index} at http://{host}:{port}/", flush=True)
     try:
-        server.serve_forever()
+        httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        httpd.server_close()
 
 
 def parse_args(argv=None):

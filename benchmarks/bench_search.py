@@ -4,7 +4,7 @@
     python bench_search.py --sizes 10000 --images 8
 
 Indexing: retrieve.encode_files (decode, CLIP's preprocessing, encoding, the chunk saved) over generated 512 x 512
-PNGs, in the precision runtime.default_amp picks. Search: retrieve.top_k over synthetic fp16 embeddings (dim 512)
+PNGs, in the precision runtime.default_amp picks. Search: exact.top_k over synthetic fp16 embeddings (dim 512)
 memory-mapped from a temporary .npy, after one warm-up pass (the page cache holds them, as on a serving machine),
 beside the time one pass takes to copy those bytes out of memory: the bound for any exact search that reads every
 embedding. Prints numbers only.
@@ -23,6 +23,7 @@ from PIL import Image
 import adapter
 import clip_min
 import retrieve
+from search import exact
 from support import runtime
 
 
@@ -71,15 +72,15 @@ def searching(n, folder, repeats=5, dim=512, k=10):
     out.flush()
     del out
     embeddings, query = np.load(path, mmap_mode="r"), torch.nn.functional.normalize(torch.randn(dim), dim=0)
-    buffer = np.empty((retrieve.SEARCH_ROWS, dim), np.float16)
+    buffer = np.empty((exact.SEARCH_ROWS, dim), np.float16)
 
     def read_once():
-        for start in range(0, n, retrieve.SEARCH_ROWS):
-            block = embeddings[start:start + retrieve.SEARCH_ROWS]
+        for start in range(0, n, exact.SEARCH_ROWS):
+            block = embeddings[start:start + exact.SEARCH_ROWS]
             np.copyto(buffer[:len(block)], block)
 
     timings = {}
-    for name, task in (("read", read_once), ("search", lambda: retrieve.top_k(embeddings, query, k))):
+    for name, task in (("read", read_once), ("search", lambda: exact.top_k(embeddings, query, k))):
         task()  # warm-up: page cache and allocator
         times = []
         for _ in range(repeats):

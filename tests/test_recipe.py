@@ -106,10 +106,12 @@ def test_resume_refuses_another_dataset_backbone_method_loss_or_masking(world, t
     out = tmp_path / "run"
     run(world, out, "--epochs", "1")
     saved = (out / "last.pt").read_bytes()
-    other = tmp_path / "data"  # the same files under another dataset name, the same weights under another path
+    other = tmp_path / "data"  # the same files under another dataset name
     for part in ("precomp", "images"):
         shutil.copytree(os.path.join(world.root, f"{world.name}_{part}"), other / f"other_{part}")
-    shutil.copy(world.clip, tmp_path / "other-clip.pt")
+    weights = torch.load(world.clip)
+    weights["logit_scale"] += 1  # other weights of the same shapes
+    torch.save(weights, tmp_path / "other-clip.pt")
     for flags, change in [(("--dataset", "other", "--data-root", str(other)), f"--dataset {world.name} -> other"),
                           (("--clip", str(tmp_path / "other-clip.pt")), f"--clip {world.clip} -> {tmp_path}"),
                           (("--method", "linear"), "--method mrs -> linear"),
@@ -118,6 +120,9 @@ def test_resume_refuses_another_dataset_backbone_method_loss_or_masking(world, t
         with pytest.raises(SystemExit, match="--resume with other settings .*" + re.escape(change)):
             run(world, out, "--epochs", "2", "--resume", *flags)
     assert (out / "last.pt").read_bytes() == saved
+    shutil.copy(world.clip, tmp_path / "moved-clip.pt")  # the same weights under another path are the same backbone
+    run(world, out, "--epochs", "2", "--resume", "--clip", str(tmp_path / "moved-clip.pt"))
+    assert {e["epoch"] for e in read_metrics(out) if "step" in e} == {1, 2}
 
 
 def test_a_crash_while_saving_keeps_the_previous_last_pt(world, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import adapter
 import clip_min
 import data
 import retrieve
+from search import exact, store
 from helpers import REPO, MICRO, make_world
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
@@ -78,7 +79,7 @@ def test_search_gives_the_brute_force_top_k(clip, tmp_path, capsys):
     (tmp_path / "archive" / "notes.txt").write_text("not an image")
     assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0]) == dict(encoded=18, removed=0,
                                                                                   unchanged=0, total=18)
-    manifest, embeddings = retrieve.load_index(str(tmp_path / "idx"))
+    manifest, embeddings = store.load_index(str(tmp_path / "idx"))
     assert embeddings.dtype == np.float16 and isinstance(embeddings, np.memmap) and embeddings.shape == (18, 64)
     for query in ("a red building beside a river", "many planes"):
         assert_same(run(capsys, "search", str(tmp_path / "idx"), query, "--top", "5", "--json"),
@@ -95,9 +96,9 @@ def test_exact_search_in_slices_is_one_full_product(tmp_path):
     np.save(tmp_path / "e.npy", rng.standard_normal((1000, 16)).astype(np.float16))
     embeddings, query = np.load(tmp_path / "e.npy", mmap_mode="r"), torch.randn(16)
     expected = (torch.from_numpy(np.array(embeddings)).float() @ query).topk(7)
-    scores, rows = retrieve.top_k(embeddings, query, 7, step=64)  # 16 slices, the best spread over several
+    scores, rows = exact.top_k(embeddings, query, 7, step=64)  # 16 slices, the best spread over several
     assert rows == expected.indices.tolist() and scores == pytest.approx(expected.values.tolist(), abs=1e-5)
-    assert sorted(retrieve.top_k(embeddings[:3], query, 7, step=2)[1]) == [0, 1, 2]  # fewer entries than k
+    assert sorted(exact.top_k(embeddings[:3], query, 7, step=2)[1]) == [0, 1, 2]  # fewer entries than k
 
 
 def test_update_encodes_only_what_changed(clip, tmp_path, capsys, monkeypatch):
@@ -141,21 +142,21 @@ def test_an_interrupted_index_is_the_old_one_and_a_rerun_resumes(clip, tmp_path,
         index(capsys, archive, tmp_path / "idx", clip[0])
     assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
     monkeypatch.setattr(retrieve, "embed_images", stopped_after(99))
-    real_write = retrieve.write_atomically
+    real_write = store.write_atomically
 
     def killed_writing_the_manifest(path, write):
-        if path.endswith(os.sep + retrieve.MANIFEST) and retrieve.PENDING not in path:
+        if path.endswith(os.sep + store.MANIFEST) and store.PENDING not in path:
             with open(path + ".tmp", "wb") as f:
                 f.write(b'{"format": 1, "entr')  # half a manifest, then the process dies
             raise KeyboardInterrupt
         real_write(path, write)
 
-    monkeypatch.setattr(retrieve, "write_atomically", killed_writing_the_manifest)
+    monkeypatch.setattr(store, "write_atomically", killed_writing_the_manifest)
     with pytest.raises(KeyboardInterrupt):
         index(capsys, archive, tmp_path / "idx", clip[0])
     assert encoded == [2, 2, 2]  # the third chunk only: the first two were kept from the interrupted run
     assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
-    monkeypatch.setattr(retrieve, "write_atomically", real_write)
+    monkeypatch.setattr(store, "write_atomically", real_write)
     assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=6, removed=0, unchanged=4, total=10)
     assert encoded == [2, 2, 2]
     assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
@@ -174,7 +175,7 @@ def test_an_index_of_another_model_is_refused(clip, tmp_path, capsys):
     with pytest.raises(ValueError, match="tiles"):
         index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "16")
     assert index(capsys, tmp_path / "archive", tmp_path / "idx", other, "--rebuild")["encoded"] == 2
-    assert retrieve.read_manifest(str(tmp_path / "idx"))["model"]["backbone"] == other
+    assert store.read_manifest(str(tmp_path / "idx"))["model"]["backbone"] == other
 
 
 def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, capsys):
@@ -187,7 +188,7 @@ def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, ca
                 "clip": clip[0], "activation": "quick_gelu", "args": {}}, checkpoint)
     run(capsys, "index", str(tmp_path / "archive"), "--index", str(tmp_path / "idx"), "--checkpoint", checkpoint,
         "--json")
-    record = retrieve.read_manifest(str(tmp_path / "idx"))["model"]
+    record = store.read_manifest(str(tmp_path / "idx"))["model"]
     assert record["method"] == "mrs" and record["backbone"] == clip[0] and len(record["sha256"]) == 64
     assert_same(run(capsys, "search", str(tmp_path / "idx"), "a port", "--json"),
                 brute_force(model, sorted(paths), "a port", 10))
@@ -202,7 +203,7 @@ def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, ca
 def test_a_dataset_is_indexed_by_name(clip, tmp_path, capsys):
     world = make_world(tmp_path)
     found = index(capsys, world.name, tmp_path / "idx", clip[0], "--data-root", world.root)
-    assert found["total"] == 60 == len(retrieve.read_manifest(str(tmp_path / "idx"))["entries"])
+    assert found["total"] == 60 == len(store.read_manifest(str(tmp_path / "idx"))["entries"])
 
 
 def test_tiles_carry_their_offsets(clip, tmp_path, capsys):
@@ -211,7 +212,7 @@ def test_tiles_carry_their_offsets(clip, tmp_path, capsys):
     noise_images(tmp_path / "archive", ["scene.png"], size=(96, 64))  # six 32 x 32 tiles, each its own noise
     assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")["total"] == 1
     scene = Image.open(tmp_path / "archive" / "scene.png")
-    boxes = [entry[1] for entry in retrieve.read_manifest(str(tmp_path / "idx"))["entries"]]
+    boxes = [entry[1] for entry in store.read_manifest(str(tmp_path / "idx"))["entries"]]
     assert sorted(boxes) == sorted([x, y, 32, 32] for x in (0, 32, 64) for y in (0, 32))
     for x, y in ((64, 0), (0, 32), (32, 32)):
         scene.crop((x, y, x + 32, y + 32)).save(tmp_path / "query.png")

@@ -1,0 +1,78 @@
+"""The search page and its JSON API over HTTP (standard library only); the answers come from the app it is given."""
+import json
+import re
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlsplit
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Search the archive</title><style>
+body{font:15px system-ui,sans-serif;margin:24px;color:#222} h1{font-size:22px;margin:0 0 12px}
+input[type=search]{font-size:16px;width:28em;padding:4px} #info{color:#555}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:14px}
+.result img{width:100%;aspect-ratio:1;object-fit:cover;cursor:pointer;border-radius:4px;background:#eee}
+.result div{font-size:13px;overflow-wrap:anywhere}</style></head><body>
+<h1>Search the archive</h1><form id="form"><input type="search" id="q" placeholder="a bridge over a river">
+<button>Search</button> or by an image: <input type="file" id="file" accept="image/*"></form>
+<p id="info">Type a description, upload an image, or click a result to find images like it.</p><div id="grid"></div>
+<script>
+const grid = document.getElementById("grid"), info = document.getElementById("info");
+function card(hit, rank) {
+  const box = document.createElement("div"), img = new Image(), text = document.createElement("div");
+  box.className = "result"; img.src = "/image/" + hit.id; img.title = "find images like this one";
+  img.onclick = () => run("id=" + hit.id);
+  const tile = hit.tile ? " @" + hit.tile[0] + "," + hit.tile[1] : "";
+  text.textContent = (rank + 1) + ". " + hit.score.toFixed(3) + " " + hit.path.split("/").pop() + tile;
+  box.append(img, text); return box;
+}
+async function run(query, upload) {
+  info.textContent = "searching...";
+  const answer = await (await fetch("/api/search?" + query, upload ? {method: "POST", body: upload} : {})).json();
+  info.textContent = answer.error ? "error: " + answer.error : answer.results.length + " results for " + answer.query;
+  grid.replaceChildren(...(answer.results || []).map(card));
+}
+const q = document.getElementById("q"), file = document.getElementById("file");
+document.getElementById("form").onsubmit = event => {
+  event.preventDefault(); history.replaceState(null, "", "?q=" + encodeURIComponent(q.value));
+  run("q=" + encodeURIComponent(q.value));
+};
+file.onchange = () => file.files.length && run("", file.files[0]);
+const asked = new URLSearchParams(location.search).get("q");
+if (asked) { q.value = asked; run("q=" + encodeURIComponent(asked)); }
+</script></body></html>"""
+
+
+class Handler(BaseHTTPRequestHandler):
+    """The page, GET/POST /api/search and GET /image/N (the N-th entry's thumbnail); no other path is served."""
+
+    def reply(self, code, body, kind="application/json"):
+        body = json.dumps(body).encode() if isinstance(body, dict) else body
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        url, app = urlsplit(self.path), self.server.app
+        image = re.fullmatch(r"/image/(\d{1,12})", url.path)  # still percent-encoded: %2e%2e cannot match
+        if url.path == "/":
+            self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif url.path == "/api/search":
+            self.reply(*app["search"](parse_qs(url.query), None))
+        elif image and int(image[1]) < len(app["entries"]) and (thumb := app["thumbnail"](int(image[1]))):
+            self.reply(200, thumb, "image/jpeg")
+        else:
+            self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        url, app = urlsplit(self.path), self.server.app
+        length = self.headers.get("Content-Length", "")
+        if url.path != "/api/search":
+            self.reply(404, {"error": "not found"})
+        elif not length.isdigit() or int(length) == 0:
+            self.reply(400, {"error": "POST an image file as the request body"})
+        elif int(length) > app["max_upload"]:
+            self.close_connection = True  # the body is not read
+            self.reply(413, {"error": f"the image is over {app['max_upload']} bytes"})
+        else:
+            self.reply(*app["search"](parse_qs(url.query), self.rfile.read(int(length))))
