@@ -1,6 +1,6 @@
 """Search an archive of remote sensing images by text or by an example image, with a train.py run or frozen CLIP.
 
-    python retrieve.py index photos/ --index idx --checkpoint runs/rsitmd-mrs-hmmc/best.pt    # or --clip ViT-B/32
+    python retrieve.py index idx photos/ --checkpoint runs/rsitmd-mrs-hmmc/best.pt            # or --clip ViT-B/32
     python retrieve.py search idx "a bridge over a river" --top 10 --gallery bridges.png
     python retrieve.py serve idx --port 8000                                                   # a search page
 
@@ -283,9 +283,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Index and search remote sensing images by text or by example image.")
     verbs = p.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("index", help="encode a folder or a dataset's images into an index (again: the changes)")
+    make.add_argument("index", metavar="DIR", help="the index folder (made if missing)")
     make.add_argument("source", help="a folder (searched recursively for .tif .tiff .png .jpg .jpeg), or a dataset "
                                      "name as train.py takes it (rsitmd, rsicd, ucm, demo)")
-    make.add_argument("--index", required=True, metavar="DIR", help="the index folder (made if missing)")
     make.add_argument("--data-root", help="where a dataset lies [data/; demo: the demo cache]")
     make.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py: its method and backbone")
     make.add_argument("--clip", help="backbone name, checkpoint path or Hugging Face folder [the checkpoint's; "

@@ -76,7 +76,7 @@ def write_index(folder, manifest, parts):
 def load_index(folder):
     manifest = read_manifest(folder)
     if manifest is None:
-        raise FileNotFoundError(f"no index in {folder} (make one: python retrieve.py index SOURCE --index {folder})")
+        raise FileNotFoundError(f"no index in {folder} (make one: python retrieve.py index {folder} SOURCE)")
     return manifest, np.load(os.path.join(folder, manifest["embeddings"]), mmap_mode="r")
 
 

@@ -51,7 +51,7 @@ def run(capsys, *argv):
 
 
 def index(capsys, source, folder, clip_path, *more):
-    return run(capsys, "index", str(source), "--index", str(folder), "--clip", clip_path,
+    return run(capsys, "index", str(folder), str(source), "--clip", clip_path,
                "--clip-activation", "quick_gelu", "--workers", "1", "--json", *more)
 
 
@@ -186,7 +186,7 @@ def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, ca
     checkpoint = str(tmp_path / "best.pt")
     torch.save({"trainable": adapter.trainable_state_dict(model), "method": "mrs", "options": model.petl_options,
                 "clip": clip[0], "activation": "quick_gelu", "args": {}}, checkpoint)
-    run(capsys, "index", str(tmp_path / "archive"), "--index", str(tmp_path / "idx"), "--checkpoint", checkpoint,
+    run(capsys, "index", str(tmp_path / "idx"), str(tmp_path / "archive"), "--checkpoint", checkpoint,
         "--json")
     record = store.read_manifest(str(tmp_path / "idx"))["model"]
     assert record["method"] == "mrs" and record["backbone"] == clip[0] and len(record["sha256"]) == 64
@@ -290,7 +290,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
                            "a river"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: no index in {tmp_path / 'nowhere'}")
-    for argv in (["search"], ["search", str(tmp_path), "--top", "0"], ["index", ".", "--index", "i", "--tile", "3"]):
+    for argv in (["search"], ["search", str(tmp_path), "--top", "0"], ["index", "i", ".", "--tile", "3"]):
         with pytest.raises(SystemExit) as stop:
             retrieve.main(argv)
         assert stop.value.code == 2 and "error: " in capsys.readouterr().err
