@@ -1,8 +1,8 @@
 """Speed of a training step and of test-set encoding, ours against the paper's released code path.
 
-    python bench.py                                         # CPU: ViT-B/32, batch 16, MRS-Adapter, both paths
-    python bench.py --device cuda --batch-sizes 16 128 --compile --json
-    python bench.py --profile                               # where our step goes, by op category
+    python -m benchmarks.bench                              # CPU: ViT-B/32, batch 16, MRS-Adapter, both paths
+    python -m benchmarks.bench --device cuda --batch-sizes 16 128 --compile --json
+    python -m benchmarks.bench --profile                    # where our step goes, by op category
 
 Full ViT-B/32 shapes, random weights. Ours is train.train_step, the function the training loop runs. The baseline is
 OpenAI's reference CLIP modules (pip install -r requirements-test.txt) driven as the released PE-RSITR code drives

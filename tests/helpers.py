@@ -61,6 +61,9 @@ def save_openai_archive(model, path):
 # Widths of 128: the MRS-Adapter's default bottleneck (64) must be narrower than the encoders.
 MICRO = clip_min.CLIPConfig(embed_dim=64, image_resolution=32, patch_size=16, vision_width=128, vision_layers=1,
                             text_width=128, text_layers=1)
+# Two layers per encoder, so that deep and per-layer methods differ from shallow ones; 1 and 2 attention heads.
+LAYERED = clip_min.CLIPConfig(embed_dim=48, image_resolution=32, patch_size=16, vision_width=128, vision_layers=2,
+                              context_length=77, vocab_size=500, text_width=96, text_layers=2)
 
 
 def make_world(root):

@@ -9,13 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import adapter
-import baselines
 import clip_min
 from support import released
+from helpers import LAYERED
 
-# Small enough to be fast, wide enough for the MRS-Adapter's 64-wide bottleneck (1 and 2 attention heads).
-SMALL = clip_min.CLIPConfig(embed_dim=48, image_resolution=32, patch_size=16, vision_width=128, vision_layers=2,
-                            context_length=77, vocab_size=500, text_width=96, text_layers=2)
 VIT_B_32 = clip_min.CLIPConfig()  # the defaults are OpenAI's ViT-B/32
 IDENTITY_AT_INIT = ("zeroshot", "linear", "full", "mrs", "adapter", "adaptformer", "convpass", "uniadapter", "lora")
 # (method, options) pairs: every method, plus the non-default variants worth covering.
@@ -38,7 +35,7 @@ def one_thread():
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    model = clip_min.CLIP(SMALL)
+    model = clip_min.CLIP(LAYERED)
     with torch.no_grad():  # non-trivial LayerNorms, so a misplaced one cannot hide
         for name, p in model.named_parameters():
             if ".ln_" in name or name.startswith("ln_"):
@@ -49,12 +46,12 @@ def small_model(seed=0):
 def batch(seed=0):
     """3 images and 3 captions (start token, words, end token = highest id), cut to the longest caption."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn(3, 3, SMALL.image_resolution, SMALL.image_resolution, generator=g)
+    images = torch.randn(3, 3, LAYERED.image_resolution, LAYERED.image_resolution, generator=g)
     lengths = [5, 9, 2]
     tokens = torch.zeros(3, max(lengths) + 2, dtype=torch.long)
     for row, n in zip(tokens, lengths):
-        row[0], row[n + 1] = SMALL.vocab_size - 2, SMALL.vocab_size - 1
-        row[1:n + 1] = torch.randint(1, SMALL.vocab_size - 2, (n,), generator=g)
+        row[0], row[n + 1] = LAYERED.vocab_size - 2, LAYERED.vocab_size - 1
+        row[1:n + 1] = torch.randint(1, LAYERED.vocab_size - 2, (n,), generator=g)
     return images, tokens
 
 
@@ -244,7 +241,7 @@ def test_encode_views_eval_mode_equals_encode(method, options):
     torch.testing.assert_close(image, clean_image, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(text, clean_text, rtol=1e-5, atol=1e-6)
     # Captions cut to the batch's longest one give what the full 77-token context gives.
-    full_context = F.pad(tokens, (0, SMALL.context_length - tokens.shape[1]))
+    full_context = F.pad(tokens, (0, LAYERED.context_length - tokens.shape[1]))
     torch.testing.assert_close(encode(model, images, full_context)[1], clean_text, rtol=1e-5, atol=1e-6)
 
 
@@ -272,8 +269,8 @@ def test_vpt_computes_the_formula(options):
 def test_vpt_init():
     """VPT's official initialisation: uniform in +-sqrt(6 / (3 x patch area + width))."""
     prompts = adapter.apply(small_model(), "vpt").visual.transformer.prompts.detach()
-    assert prompts.shape == (SMALL.vision_layers, 50, SMALL.vision_width)
-    bound = math.sqrt(6 / (3 * SMALL.patch_size ** 2 + SMALL.vision_width))
+    assert prompts.shape == (LAYERED.vision_layers, 50, LAYERED.vision_width)
+    bound = math.sqrt(6 / (3 * LAYERED.patch_size ** 2 + LAYERED.vision_width))
     assert prompts.abs().max() <= bound
     assert abs(prompts.std() / (bound / math.sqrt(3)) - 1) < 0.05  # a uniform's spread, over 12,800 values
 
@@ -288,14 +285,14 @@ def test_coop_computes_the_formula(deep):
     randomize_trainable(model)
     ctx = model.text_prompt.context.detach()
     later = model.transformer.prompts.detach() if deep else torch.zeros(0, *ctx.shape)
-    assert ctx.shape == (16, SMALL.text_width) and later.shape == (SMALL.text_layers - 1 if deep else 0, *ctx.shape)
-    start, end = SMALL.vocab_size - 2, SMALL.vocab_size - 1
+    assert ctx.shape == (16, LAYERED.text_width) and later.shape == (LAYERED.text_layers - 1 if deep else 0, *ctx.shape)
+    start, end = LAYERED.vocab_size - 2, LAYERED.vocab_size - 1
     long = torch.tensor([[start, *torch.randint(1, start, (70,)).tolist(), end]])
     tokens = torch.cat([F.pad(short, (0, long.shape[1] - short.shape[1])), long])  # 1 + 70 + 1 + 16 > 77
 
     def naive(row):
         ids = row[: row.argmax() + 1]
-        words = ids[1:-1][: SMALL.context_length - 2 - len(ctx)]
+        words = ids[1:-1][: LAYERED.context_length - 2 - len(ctx)]
         x = torch.cat([base.token_embedding(ids[:1]), ctx, base.token_embedding(words), base.token_embedding(ids[-1:])])
         x = x + base.positional_embedding[: len(x)]
         for i, block in enumerate(base.transformer.resblocks):
@@ -397,7 +394,7 @@ def test_one_step_trains_only_the_method(method, options):
     if method == "full":
         assert len(params) == len(before)
     else:  # the backbone is frozen: what trains is exactly what the method added
-        assert not set(params) & set(clip_min.CLIP(SMALL).state_dict())
+        assert not set(params) & set(clip_min.CLIP(LAYERED).state_dict())
 
 
 @pytest.mark.parametrize("method, options", [c for c in CASES if c[0] != "zeroshot"],

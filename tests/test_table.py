@@ -68,6 +68,13 @@ def released_rsitmd(world, root):
                                                                                    (name[:-4] + ".tif"))
 
 
+def bar_heights(pixels, colour):
+    """Heights in pixels of the bars of one colour, left to right (each bar: a run of columns holding the colour)."""
+    columns = (pixels == colour).all(axis=-1).sum(axis=0)
+    edges = np.flatnonzero(np.diff(np.r_[0, columns > 0, 0]))
+    return [int(columns[(start + end) // 2]) for start, end in zip(edges[::2], edges[1::2])]
+
+
 def test_released_layout_gives_ours_the_papers_and_the_difference(world, tmp_path, capsys):
     released_rsitmd(world, tmp_path / "data")
     out = tmp_path / "table"
@@ -87,7 +94,9 @@ def test_released_layout_gives_ours_the_papers_and_the_difference(world, tmp_pat
         for k in METRICS:
             assert f"| {ours[k]:.2f} ({paper[k]:.2f}, {ours[k] - paper[k]:+.2f}) |" in line
     assert [r["params"] for r in rows][:2] == [0, sum(p.numel() for p in clip_min.CLIP(MICRO).parameters())]
-    assert Image.open(out / "table.png").size[0] > 0
+    drawn = np.array(Image.open(out / "table.png").convert("RGB"))[96:]  # below the title and legend
+    for colour, source in ((table.OURS, "mean"), (table.THEIRS, "paper")):  # bars 300 px tall at mR 100
+        assert bar_heights(drawn, colour) == pytest.approx([r[source]["mR"] * 3 for r in rows], abs=1.5)
     # The paper's recipe (lr 2e-4) for the MRS-Adapter; full fine-tuning at a tenth of it, as stated.
     lr = {m: torch.load(out / "rsitmd" / f"{m}-hmmc-s2" / "best.pt", weights_only=True)["args"]["lr"]
           for m in ("full", "mrs")}
