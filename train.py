@@ -97,8 +97,8 @@ def check_values(p, args):
             p.error(f"{flag} must be at least {least}{why}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
-    if not math.isfinite(args.margin):
-        p.error(f"--margin must be a number, got {args.margin}")
+    if not (math.isfinite(args.margin) and args.margin >= 0):  # a negative margin asks less than an equal score
+        p.error(f"--margin must be a number >= 0, got {args.margin}")
     if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
         p.error(f"--grad-clip must be a number >= 0 (0: off), got {args.grad_clip}")
     if not args.save_minutes >= 0:  # nan too

@@ -123,7 +123,8 @@ BAD_INPUTS = {
     "lr-decay-epoch-zero": bad_value("--lr-decay-epoch", "0", r"error: --lr-decay-epoch must be at least 1, got 0$"),
     "workers-zero": bad_value("--workers", "0", r"error: --workers must be at least 1, got 0$"),
     "save-minutes-nan": bad_value("--save-minutes", "nan", r"error: --save-minutes must be a number >= 0, got nan$"),
-    "margin-inf": bad_value("--margin", "inf", r"error: --margin must be a number, got inf$"),
+    "margin-inf": bad_value("--margin", "inf", r"error: --margin must be a number >= 0, got inf$"),
+    "margin-negative": bad_value("--margin", "-0.2", r"error: --margin must be a number >= 0, got -0.2$"),
     "grad-clip-negative": bad_value("--grad-clip", "-1", r"error: --grad-clip must be a number >= 0 \(0: off\), "
                                                          r"got -1.0$"),
     "seed-negative": bad_value("--seed", "-1", r"error: --seed must be between 0 and 2\^32 - 1, got -1$"),
