@@ -120,10 +120,10 @@ def table_runs(root, env):
 def demo_decode_seconds(env_root):
     """Seconds to decode the demo's three splits once (what each table cell after the first no longer does)."""
     import data
-    from support import runtime
+    from support import demo, runtime
     name, root = data.prepare_dataset("demo", env_root)
     resolution = clip_min.load(runtime.DEMO_CLIP)[0].visual.input_resolution if os.path.isfile(runtime.DEMO_CLIP) \
-        else runtime.TINY_CLIP.image_resolution
+        else demo.MINI_CLIP.image_resolution
     started = time.time()
     for part in ("train", "val", "test"):
         data.cache_images(data.load_split(name, root, part).image_paths, resolution, workers=2, log_every=0)
