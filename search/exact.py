@@ -55,7 +55,7 @@ def settle(best, chunk, start, approx, query, k, margin):
         floor = max(floor, scores[-1] - margin)
     picked = torch.nonzero(approx >= floor).squeeze(1)
     exact = (chunk[picked].double() @ query.double()).float()
-    scores, rows = torch.cat([scores, exact]), torch.cat([rows, picked + start])  # rows stay in increasing order
+    scores, rows = torch.cat([scores, exact]), torch.cat([rows, picked + start])  # earlier slices first
     order = torch.sort(scores, descending=True, stable=True).indices[:k]  # stable: equal scores keep the lower row
     return scores[order], rows[order]
 
