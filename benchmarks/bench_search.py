@@ -109,7 +109,6 @@ def searching(n, folder, rounds=5, dim=512, k=10, batch=16):
     print(f"search {n:>10,} entries ({n * dim * 2 / 1e9:5.2f} GB): read {read * 1e3:8.1f} ms | top-{k} of one query "
           f"{single * 1e3:8.1f} ms ({single / read:4.2f}x read) | {batch} queries in one pass {batched * 1e3:8.1f} ms "
           f"({batched / read:4.2f}x read, {batched / read / batch:4.2f}x per query)", flush=True)
-    del embeddings
     os.remove(path)
 
 
