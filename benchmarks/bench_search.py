@@ -27,7 +27,7 @@ import adapter
 import clip_min
 import retrieve
 from search import exact
-from support import runtime
+from support import demo, runtime
 
 
 def cpu_name():
@@ -113,7 +113,7 @@ def searching(n, folder, rounds=5, dim=512, k=10, batch=16):
 
 
 def model_timings(n_images, folder, device, amp):
-    for name, config in (("tiny", runtime.TINY_CLIP), ("ViT-B/32", clip_min.CLIPConfig())):
+    for name, config in (("tiny", demo.MINI_CLIP), ("ViT-B/32", clip_min.CLIPConfig())):
         indexing(name, config, n_images, folder, device, amp)
     with torch.no_grad():
         model = random_model(clip_min.CLIPConfig(), amp)
