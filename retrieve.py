@@ -171,9 +171,10 @@ def index(args, device, amp):
             "total": len(manifest["files"])}
 
 
-def results(manifest, embeddings, query, k, label):
-    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves)."""
-    scores, rows = exact.top_k(embeddings, query, k)
+def results(manifest, embeddings, query, k, label, scan=None):
+    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves); `scan(query,
+    k)` finds them if given (the server's gathers concurrent queries into one pass)."""
+    scores, rows = scan(query, k) if scan else exact.top_k(embeddings, query, k, norm=1.0)  # the rows are unit vectors
     found = [{"id": r, "path": manifest["entries"][r][0], "score": round(s, 4), "tile": manifest["entries"][r][1]}
              for s, r in zip(scores, rows)]
     return {"query": label, "results": found}
@@ -229,6 +230,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
     """A ThreadingHTTPServer for the index in `folder`, its model and embeddings loaded once."""
     manifest, embeddings = store.load_index(folder)
     model, lock = load_model(manifest["model"], device, amp), threading.Lock()
+    scan = exact.gathering(embeddings, norm=1.0)  # the index stores unit rows
 
     def query(params, upload):
         k = params.get("k", ["12"])[0]
@@ -252,7 +254,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
                 vector, label = embed_text(model, text, device, amp), text
         else:
             return 400, {"error": "give a query: q=TEXT, id=N or an image as the POST body"}
-        return 200, results(manifest, embeddings, vector, int(k), label)
+        return 200, results(manifest, embeddings, vector, int(k), label, scan)
 
     def jpeg(row):
         try:

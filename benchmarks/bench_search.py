@@ -1,16 +1,19 @@
 """Speed of retrieve.py: indexing throughput and exact-search latency, on this machine.
 
-    python bench_search.py                       # tiny CLIP and ViT-B/32 (random weights); 10k, 100k and 1M entries
-    python bench_search.py --sizes 10000 --images 8
+    python -m benchmarks.bench_search            # tiny CLIP and ViT-B/32 (random weights); 10k, 100k and 1M entries
+    python -m benchmarks.bench_search --sizes 10000 --images 8
+    python -m benchmarks.bench_search --search-only --ten-million --threads 1   # also 10M entries, if they fit
 
 Indexing: retrieve.encode_files (decode, CLIP's preprocessing, encoding, the chunk saved) over generated 512 x 512
-PNGs, in the precision runtime.default_amp picks. Search: exact.top_k over synthetic fp16 embeddings (dim 512)
+PNGs, in the precision runtime.default_amp picks. Search: exact.top_k over synthetic unit fp16 embeddings (dim 512)
 memory-mapped from a temporary .npy, after one warm-up pass (the page cache holds them, as on a serving machine),
-beside the time one pass takes to copy those bytes out of memory: the bound for any exact search that reads every
-embedding. Prints numbers only.
+for one query and for a batch of 16 in one pass, beside the time one pass takes to copy those bytes out of memory:
+the bound for any exact search that reads every embedding. Prints numbers only.
 """
 import argparse
+import datetime
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -24,7 +27,7 @@ import adapter
 import clip_min
 import retrieve
 from search import exact
-from support import runtime
+from support import demo, runtime
 
 
 def cpu_name():
@@ -61,17 +64,32 @@ def indexing(label, config, n_images, folder, device, amp):
     print(f"index  {label:9s} {n_images:4d} images of 512x512: {rate:7.1f} images/s", flush=True)
 
 
-def searching(n, folder, repeats=5, dim=512, k=10):
-    """Median top-k latency over n memory-mapped fp16 embeddings, and one copy of their bytes out of memory."""
-    path = os.path.join(folder, f"embeddings-{n}.npy")
+def write_embeddings(path, n, dim):
+    """n random unit rows in fp16, written a slice at a time (1M entries are 1 GB)."""
     out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
     rng = np.random.default_rng(0)
-    for start in range(0, n, 65536):  # written a slice at a time: 1M entries are 1 GB
+    for start in range(0, n, 65536):
         block = rng.standard_normal((min(65536, n - start), dim), dtype=np.float32)
         out[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     out.flush()
-    del out
-    embeddings, query = np.load(path, mmap_mode="r"), torch.nn.functional.normalize(torch.randn(dim), dim=0)
+
+
+def fits_in_memory(n, dim, folder):
+    """Whether n embeddings fit in the page cache (with room to spare) and on the disk of `folder`."""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    size = n * dim * 2
+    return 1.5 * size < available and 1.2 * size < shutil.disk_usage(folder).free
+
+
+def searching(n, folder, rounds=5, dim=512, k=10, batch=16):
+    """Median times over n memory-mapped fp16 embeddings of one read of their bytes (copied out of the page
+    cache, a slice at a time), a top-k for one query, and one pass answering `batch` queries, measured in turns so
+    that the load of a shared machine falls on all three alike."""
+    path = os.path.join(folder, f"embeddings-{n}.npy")
+    write_embeddings(path, n, dim)
+    embeddings = np.load(path, mmap_mode="r")
+    queries = torch.nn.functional.normalize(torch.randn(batch, dim), dim=1)
     buffer = np.empty((exact.SEARCH_ROWS, dim), np.float16)
 
     def read_once():
@@ -79,45 +97,55 @@ def searching(n, folder, repeats=5, dim=512, k=10):
             block = embeddings[start:start + exact.SEARCH_ROWS]
             np.copyto(buffer[:len(block)], block)
 
-    timings = {}
-    for name, task in (("read", read_once), ("search", lambda: exact.top_k(embeddings, query, k))):
-        task()  # warm-up: page cache and allocator
-        times = []
-        for _ in range(repeats):
+    tasks = {"read": read_once, "one query": lambda: exact.top_k(embeddings, queries[0], k, norm=1.0),
+             f"{batch} queries": lambda: exact.top_k(embeddings, queries, k, norm=1.0)}
+    times = {name: [] for name in tasks}
+    for turn in range(rounds + 1):  # the first turn warms the page cache and the allocator
+        for name, task in tasks.items():
             started = time.perf_counter()
             task()
-            times.append(time.perf_counter() - started)
-        timings[name] = statistics.median(times)
-    gigabytes = n * dim * 2 / 1e9
-    print(f"search {n:>9,} entries ({gigabytes:.2f} GB fp16): top-{k} {timings['search'] * 1e3:8.1f} ms; one read "
-          f"of the embeddings {timings['read'] * 1e3:7.1f} ms ({gigabytes / timings['read']:.1f} GB/s)", flush=True)
+            times[name].append(time.perf_counter() - started)
+    read, single, batched = (statistics.median(t[1:]) for t in times.values())
+    print(f"search {n:>10,} entries ({n * dim * 2 / 1e9:5.2f} GB): read {read * 1e3:8.1f} ms | top-{k} of one query "
+          f"{single * 1e3:8.1f} ms ({single / read:4.2f}x read) | {batch} queries in one pass {batched * 1e3:8.1f} ms "
+          f"({batched / read:4.2f}x read, {batched / read / batch:4.2f}x per query)", flush=True)
     os.remove(path)
+
+
+def model_timings(n_images, folder, device, amp):
+    for name, config in (("tiny", demo.MINI_CLIP), ("ViT-B/32", clip_min.CLIPConfig())):
+        indexing(name, config, n_images, folder, device, amp)
+    with torch.no_grad():
+        model = random_model(clip_min.CLIPConfig(), amp)
+        retrieve.embed_text(model, "warm-up", device, amp)
+        started = time.perf_counter()
+        for _ in range(10):
+            retrieve.embed_text(model, "a bridge over a river next to a dense residential area", device, amp)
+    print(f"query  ViT-B/32 text encoding: {(time.perf_counter() - started) * 100:.1f} ms per query")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Indexing throughput and exact-search latency of retrieve.py.")
     p.add_argument("--images", type=int, default=16, help="images per model for the indexing throughput")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--ten-million", action="store_true", help="also 10M entries (10 GB) if memory and disk allow")
+    p.add_argument("--search-only", action="store_true", help="skip the indexing and text-encoding timings")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     runtime.keep_freed_memory()
-    print(f"CPU: {cpu_name()}, {args.threads} torch threads, torch {torch.__version__}")
+    print(f"{datetime.date.today()}, CPU: {cpu_name()} ({os.cpu_count()} cores), {args.threads} torch threads, "
+          f"torch {torch.__version__}")
     amp = runtime.default_amp(device)
     with tempfile.TemporaryDirectory() as folder:
-        for name, config in (("tiny", runtime.TINY_CLIP), ("ViT-B/32", clip_min.CLIPConfig())):
-            indexing(name, config, args.images, folder, device, amp)
-        with torch.no_grad():
-            model = random_model(clip_min.CLIPConfig(), amp)
-            retrieve.embed_text(model, "warm-up", device, amp)
-            started = time.perf_counter()
-            for _ in range(10):
-                retrieve.embed_text(model, "a bridge over a river next to a dense residential area", device, amp)
-        print(f"query  ViT-B/32 text encoding: {(time.perf_counter() - started) * 100:.1f} ms per query")
-        for n in args.sizes:
-            searching(n, folder)
-
+        if not args.search_only:
+            model_timings(args.images, folder, device, amp)
+        for n in args.sizes + ([10_000_000] if args.ten_million else []):
+            if fits_in_memory(n, 512, folder):
+                searching(n, folder)
+            else:
+                print(f"search {n:>10,} entries: skipped, more than the free memory or disk holds")
 
 if __name__ == "__main__":
     main()

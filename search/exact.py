@@ -1,17 +1,107 @@
-"""Exact top-k over the memory-mapped embeddings of an index: every row scored, memory bounded at any size."""
-import numpy as np
+"""Exact top-k over the memory-mapped fp16 embeddings of an index, at about the cost of reading them once.
+
+Converting every row to fp32 before its product costs more than reading it, so a fast pass scores each slice
+approximately: fp16 products (fp32 accumulation) for a few queries, fp32 products of cache-sized converted blocks
+for a batch. The rows of a slice whose approximate score could reach the running k-th best are scored again exactly
+(the stored fp16 row against the query, accumulated in fp64 and rounded to fp32) and only exact scores rank, equal
+scores by lower row first. Memory stays bounded by one slice whatever the index size."""
+import queue
+import threading
+import warnings
+
 import torch
 
-SEARCH_ROWS = 32768  # embeddings per matrix product of a search: 64 MB in fp32 at dim 512, whatever the index size
+SEARCH_ROWS = 65536  # rows per slice: 64 MB of fp16 at dim 512, whose candidates are settled before the next slice
+BLOCK_ROWS = 1024  # rows converted to fp32 at a time for a batch: 2 MB at dim 512, read back from cache, not memory
+BATCH_QUERIES = 4  # from this many queries on, one fp32 product per block beats one fp16 product per query
+# |approximate - exact| <= MARGIN * (largest row norm) * |query|: fp16 rounding of the unit query and of the score
+# (2^-11 each) and fp32 accumulation (D * 2^-24, below 2^-11 up to D = 8192), with room to spare.
+MARGIN = 2.0 ** -9
 
 
-def top_k(embeddings, query, k, step=SEARCH_ROWS):
-    """Exact top-k (scores, rows) of the query against every embedding: one matrix product per slice of the
-    memory-mapped rows and a running top-k, so memory stays bounded at any index size."""
-    scores, rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-    for start in range(0, len(embeddings), step):
-        block = torch.from_numpy(np.array(embeddings[start:start + step])).float() @ query.float()
-        scores, rows = torch.cat([scores, block]), torch.cat([rows, torch.arange(start, start + len(block))])
-        scores, best = scores.topk(min(k, len(scores)))
-        rows = rows[best]
-    return scores.tolist(), rows.tolist()
+def as_tensor(embeddings):
+    """A zero-copy tensor over the rows (a read-only memmap: torch warns that writing would be undefined; no
+    search writes)."""
+    if isinstance(embeddings, torch.Tensor):
+        return embeddings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(embeddings)
+
+
+def largest_norm(rows, step=SEARCH_ROWS):
+    """The largest L2 norm among the rows: one more pass, for callers that cannot bound it."""
+    norms = [torch.linalg.vector_norm(rows[s:s + step].float(), dim=1).max().item() for s in range(0, len(rows), step)]
+    return max(norms, default=0.0)
+
+
+def approximate(chunk, units):
+    """Scores [Q, rows] of the unit queries against a slice, within MARGIN * the rows' largest norm of exact."""
+    if len(units) < BATCH_QUERIES:
+        return torch.stack([chunk @ unit for unit in units.to(chunk.dtype)]).float()
+    block, out = torch.empty(BLOCK_ROWS, chunk.shape[1]), torch.empty(len(chunk), len(units))
+    for start in range(0, len(chunk), BLOCK_ROWS):
+        rows = block[:min(BLOCK_ROWS, len(chunk) - start)]
+        rows.copy_(chunk[start:start + len(rows)])
+        torch.mm(rows, units.T, out=out[start:start + len(rows)])
+    return out.T
+
+
+def settle(best, chunk, start, approx, query, k, margin):
+    """The running exact top-k (scores, rows) of one query, merged with the rows of a slice that may enter it."""
+    scores, rows = best
+    floor = approx.topk(min(k, len(approx))).values[-1] - 2 * margin  # k rows of the slice score at least this + margin
+    if len(scores) == k:
+        floor = max(floor, scores[-1] - margin)
+    picked = torch.nonzero(approx >= floor).squeeze(1)
+    exact = (chunk[picked].double() @ query.double()).float()
+    scores, rows = torch.cat([scores, exact]), torch.cat([rows, picked + start])  # earlier slices first
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]  # stable: equal scores keep the lower row
+    return scores[order], rows[order]
+
+
+def top_k(embeddings, query, k, step=SEARCH_ROWS, norm=None):
+    """Exact top-k (scores, rows) of a query [D] against every embedding; for queries [Q, D], one (scores, rows) per
+    query from a single pass. `norm` bounds the rows' L2 norms (the index stores unit rows: 1); None measures it."""
+    rows16, queries = as_tensor(embeddings), query.reshape(-1, query.shape[-1]).float()
+    k = min(k, len(rows16))
+    lengths = torch.linalg.vector_norm(queries, dim=1).clamp_min(1e-30)[:, None]
+    margins = MARGIN * (largest_norm(rows16, step) if norm is None else norm) * lengths[:, 0]
+    best = [(torch.empty(0), torch.empty(0, dtype=torch.long))] * len(queries)
+    for start in range(0, len(rows16) if k else 0, step):
+        chunk = rows16[start:start + step]
+        approx = approximate(chunk, queries / lengths) * lengths
+        best = [settle(best[i], chunk, start, approx[i], queries[i], k, margins[i]) for i in range(len(queries))]
+    found = [(scores.tolist(), rows.tolist()) for scores, rows in best]
+    return found[0] if query.dim() == 1 else found
+
+
+def gathering(embeddings, norm=None):
+    """top_k(query, k) for concurrent callers: one thread scans, and the queries that arrived while it scanned are
+    answered together by the next pass (each caller waits for its own answer)."""
+    waiting = queue.Queue()  # (query, k, where its answer goes)
+
+    def scan_forever():
+        while True:
+            batch = [waiting.get()]
+            while not waiting.empty():
+                batch.append(waiting.get())
+            try:
+                found = top_k(embeddings, torch.stack([q.float() for q, _, _ in batch]), max(k for _, k, _ in batch),
+                              norm=norm)
+                found = [(scores[:k], rows[:k]) for (_, k, _), (scores, rows) in zip(batch, found)]
+            except Exception as error:  # every caller gets it, rather than waiting for ever
+                found = [error] * len(batch)
+            for (_, _, answer), hits in zip(batch, found):
+                answer.put(hits)
+
+    def scan(query, k):
+        answer = queue.Queue()
+        waiting.put((query, k, answer))
+        hits = answer.get()
+        if isinstance(hits, Exception):
+            raise hits
+        return hits
+
+    threading.Thread(target=scan_forever, daemon=True).start()
+    return scan
