@@ -437,12 +437,13 @@ def parse_args(argv=None):
 def usage_error(args):
     """The first value parse_args refuses beyond argparse's own checks (impossible values, a blank query, a folder as
     --image, a --gallery with no folder to go in), or None."""
-    v = vars(args)
+    v, _ = vars(args), Image.init()  # init: every format's extensions registered
     gallery = v.get("gallery") and os.path.dirname(os.path.abspath(v["gallery"]))
     checks = [(v.get("tile") is not None and v["tile"] < 16, f"--tile SIZE must be at least 16 pixels, got "
                                                               f"{v.get('tile')}"),
               (v.get("workers", 1) < 1, f"--workers must be at least 1, got {v.get('workers')}"),
-              ((v.get("processes") or 1) < 1, f"--processes must be at least 1, got {v.get('processes')}"),
+              (v.get("processes") is not None and v["processes"] < 1, f"--processes must be at least 1, got "
+                                                                       f"{v.get('processes')}"),
               (v.get("top", 1) < 1, f"--top must be positive, got {v.get('top')}"),
               (v.get("query") is not None and not v["query"].strip(), "the query is blank: describe what to find, "
                                                                       "e.g. 'a bridge over a river', or pass --image"),
@@ -450,6 +451,8 @@ def usage_error(args):
                                                                     "one image file"),
               (bool(gallery) and not os.path.isdir(gallery), f"--gallery {v.get('gallery')}: there is no folder "
                                                              f"{gallery} to write it in"),
+              (bool(gallery) and os.path.splitext(v["gallery"])[1].lower() not in Image.registered_extensions(),
+               f"--gallery {v.get('gallery')}: name an image file to write, e.g. results.png"),
               (not 0 <= v.get("port", 0) <= 65535, f"--port must be from 0 to 65535 (0: any free port), got "
                                                    f"{v.get('port')}")]
     return next((said for wrong, said in checks if wrong), None)

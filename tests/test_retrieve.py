@@ -3,6 +3,7 @@ API and its page in a real headless browser. A random micro CLIP and tiny genera
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,6 +279,13 @@ def test_the_page_shows_results_in_a_headless_browser(server, tmp_path):
     assert dom.count('class="result"') == 12, dom[-2000:]
     assert "12 results for a red roof" in dom
     assert all(os.path.basename(p) in dom for p in paths)
+    dom = browse(f"http://127.0.0.1:{port}/?q=a+red+roof&k=5", tmp_path / "profile")  # the number of results
+    assert dom.count('class="result"') == 5 and "5 results for a red roof" in dom, dom[-2000:]
+    assert 'type="number" id="k"' in dom
+    for blank in ("", "+++"):  # said on the page, not the API's error for developers
+        dom = browse(f"http://127.0.0.1:{port}/?q={blank}&k=3", tmp_path / "profile")
+        info = re.search(r'<p id="info">(.*?)</p>', dom)[1]
+        assert info.startswith("Type what to look for first") and 'class="result"' not in dom, dom[-2000:]
 
 
 def browse(url, profile, screenshot=None, size="1100,700"):
@@ -356,3 +364,33 @@ def test_processes_encode_the_parts_at_once_then_join(clip, tmp_path, capsys, mo
     found = index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--processes", "3", "--amp", "off")
     assert found == dict(encoded=30, removed=0, unchanged=0, skipped=0, total=30, entries=30) and encoded == []
     assert index_files(tmp_path / "idx") == index_files(tmp_path / "one")
+
+
+def test_a_bad_file_is_skipped_said_and_counted(clip, tmp_path, capsys, monkeypatch):
+    archive, bad = tmp_path / "archive", ["dangling.png", "pipe.png", "broken.jpg", "empty.tif"]
+    noise_images(archive, ["good0.png", "good1.png", "folder.png/inside.png"])  # a folder named like an image: walked
+    noise_images(archive, ["scene.png"], size=(64, 32))  # two tiles
+    os.symlink(tmp_path / "gone.png", archive / "dangling.png")
+    os.mkfifo(archive / "pipe.png")  # opening it would wait forever
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8 a cut JPEG")
+    (archive / "empty.tif").write_bytes(b"")
+    monkeypatch.setattr(retrieve, "SAY_SKIPPED", 3)
+    for unchanged in (0, 4):  # a skipped file is tried again next time
+        retrieve.main(["index", str(tmp_path / "idx"), str(archive), "--clip", clip[0], "--tile", "32", "--json"])
+        out, err = capsys.readouterr()
+        assert json.loads(out) == dict(encoded=4 - unchanged, removed=0, unchanged=unchanged, skipped=4, total=4,
+                                       entries=5)
+        said = [line for line in err.splitlines() if line.startswith("skipped: ")]
+        assert len(said) == 3 and said[-1].endswith("(further skipped files are counted, not said)")
+        assert len({name for name in bad for line in said if str(archive / name) in line}) == 3  # a file a line
+    retrieve.main(["index", str(tmp_path / "idx"), str(archive), "--clip", clip[0]])
+    assert capsys.readouterr().out.strip().endswith(": 0 encoded, 0 removed, 4 unchanged, 4 skipped; 4 images, "
+                                                    "5 entries")
+
+
+def test_a_failed_first_run_leaves_no_index_folder(clip, tmp_path, capsys, monkeypatch):
+    noise_images(tmp_path / "archive", ["a.png", "b.png"])
+    monkeypatch.setattr(retrieve, "embed_images", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+    assert not (tmp_path / "idx").exists()
