@@ -201,12 +201,12 @@ def update_index(args, device, amp):
     if not found:
         raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}")
     os.makedirs(args.index, exist_ok=True)
-    if args.processes > 1:
-        run_shard_processes(args, args.shard or (0, 1))
-    model = load_model(record, device, amp, state)
+    model = load_model(record, device, amp, state)  # here too with --processes: a model refused once, not P times
     record["activation"] = model.config.activation
     if old:
         refuse_another_model(args.index, old, record, tile)
+    if args.processes > 1:
+        run_shard_processes(args, args.shard or (0, 1))
     key = json.dumps([{k: record[k] for k in ("sha256", "method", "backbone", "activation")}, tile])
     folder = store.pending_folder(args.index, key, only=args.shard is None)
     kept = {p for p, stat in (old or {}).get("files", {}).items() if found.get(p) == stat}
