@@ -159,8 +159,9 @@ def encode_files(model, paths, found, tile, folder, device, amp, workers, skippe
 def in_part(path, shard):
     """Whether file `path` is in part I of N (shard (I, N); None: the whole archive). A hash of the path, not its
     position: a file stays in its part however the archive grows, on every machine that sees it at that path."""
-    digest = hashlib.sha256(os.fsencode(path)).digest()
-    return shard is None or int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
+    if shard is None:
+        return True
+    return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") % shard[1] == shard[0]
 
 
 def pending_files(folder, wanted):
@@ -217,13 +218,13 @@ def update_index(args, device, amp):
     skipped = {}
     for path in [p for p in unreadable if in_part(p, args.shard)]:
         note_skipped(skipped, path, f"{path}: {unreadable[path]}")
-    label = f"shard {args.shard[0]}/{args.shard[1]}: " if args.shard else ""
-    encode_files(model, [p for p in found if p not in kept | encoded | failed and in_part(p, args.shard)], found,
-                 tile, folder, device, amp, args.workers, skipped, label)
+    shard, done = args.shard and f"{args.shard[0]}/{args.shard[1]}", kept | encoded | failed
+    encode_files(model, [p for p in found if p not in done and in_part(p, args.shard)], found, tile, folder, device,
+                 amp, args.workers, skipped, f"shard {shard}: " if shard else "")
     encoded, failed = pending_files(folder, wanted)
-    if args.shard:
+    if shard:
         part = lambda files: len([p for p in files if in_part(p, args.shard)])  # noqa: E731
-        return {"shard": label[6:-2], "encoded": part(encoded), "skipped": part(unreadable) + part(failed)}
+        return {"shard": shard, "encoded": part(encoded), "skipped": part(unreadable) + part(failed)}
     generation = (current or {}).get("generation", 0) + 1
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
@@ -435,27 +436,29 @@ def parse_args(argv=None):
 
 
 def usage_error(args):
-    """The first value parse_args refuses beyond argparse's own checks (impossible values, a blank query, a folder as
-    --image, a --gallery with no folder to go in), or None."""
-    v, _ = vars(args), Image.init()  # init: every format's extensions registered
-    gallery = v.get("gallery") and os.path.dirname(os.path.abspath(v["gallery"]))
-    checks = [(v.get("tile") is not None and v["tile"] < 16, f"--tile SIZE must be at least 16 pixels, got "
-                                                              f"{v.get('tile')}"),
-              (v.get("workers", 1) < 1, f"--workers must be at least 1, got {v.get('workers')}"),
-              (v.get("processes") is not None and v["processes"] < 1, f"--processes must be at least 1, got "
-                                                                       f"{v.get('processes')}"),
-              (v.get("top", 1) < 1, f"--top must be positive, got {v.get('top')}"),
-              (v.get("query") is not None and not v["query"].strip(), "the query is blank: describe what to find, "
-                                                                      "e.g. 'a bridge over a river', or pass --image"),
-              (bool(v.get("image")) and os.path.isdir(v["image"]), f"--image {v.get('image')} is a folder: give "
-                                                                    "one image file"),
-              (bool(gallery) and not os.path.isdir(gallery), f"--gallery {v.get('gallery')}: there is no folder "
-                                                             f"{gallery} to write it in"),
-              (bool(gallery) and os.path.splitext(v["gallery"])[1].lower() not in Image.registered_extensions(),
-               f"--gallery {v.get('gallery')}: name an image file to write, e.g. results.png"),
-              (not 0 <= v.get("port", 0) <= 65535, f"--port must be from 0 to 65535 (0: any free port), got "
-                                                   f"{v.get('port')}")]
-    return next((said for wrong, said in checks if wrong), None)
+    """What parse_args refuses beyond argparse's own checks (impossible values, a blank query, a folder as --image, a
+    --gallery that cannot be written), or None."""
+    v = vars(args)
+    if v.get("tile") is not None and v["tile"] < 16:
+        return f"--tile SIZE must be at least 16 pixels, got {v['tile']}"
+    for flag in ("workers", "processes"):
+        if v.get(flag) is not None and v[flag] < 1:
+            return f"--{flag} must be at least 1, got {v[flag]}"
+    if v.get("top") is not None and v["top"] < 1:
+        return f"--top must be positive, got {v['top']}"
+    if v.get("query") is not None and not v["query"].strip():
+        return "the query is blank: describe what to find, e.g. 'a bridge over a river', or pass --image"
+    if v.get("image") and os.path.isdir(v["image"]):
+        return f"--image {v['image']} is a folder: give one image file"
+    folder = v.get("gallery") and os.path.dirname(os.path.abspath(v["gallery"]))
+    if folder and not os.path.isdir(folder):
+        return f"--gallery {v['gallery']}: there is no folder {folder} to write it in"
+    Image.init()  # every format's file extensions registered
+    if folder and os.path.splitext(v["gallery"])[1].lower() not in Image.registered_extensions():
+        return f"--gallery {v['gallery']}: name an image file to write, e.g. results.png"
+    if v.get("port") is not None and not 0 <= v["port"] <= 65535:
+        return f"--port must be from 0 to 65535 (0: any free port), got {v['port']}"
+    return None
 
 
 def shard_spec(text):

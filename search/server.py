@@ -35,7 +35,9 @@ async function run(query, upload) {
   last = [query, upload]; k.value = count(); info.textContent = "searching...";
   const answer = await (await fetch("/api/search?" + query + "&k=" + count(),
                                     upload ? {method: "POST", body: upload} : {})).json();
-  info.textContent = answer.error ? "error: " + answer.error : answer.results.length + " results for " + answer.query;
+  const n = answer.results ? answer.results.length : 0;
+  info.textContent = answer.error ? "error: " + answer.error : n + (n === 1 ? " result" : " results") + " for " +
+    answer.query;
   grid.replaceChildren(...(answer.results || []).map(card));
 }
 function remember() {  // the text and the number of results in the address: a link or a reload shows the same

@@ -44,10 +44,11 @@ def pending_folder(index_dir, key, only=False):
     root, name = os.path.join(index_dir, PENDING), hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    for other in os.listdir(root) if only else []:
-        if other != name:
-            shutil.rmtree(os.path.join(root, other)) if os.path.isdir(os.path.join(root, other)) else os.remove(
-                os.path.join(root, other))
+    for other in [os.path.join(root, n) for n in os.listdir(root) if only and n != name]:
+        if os.path.isdir(other):
+            shutil.rmtree(other)
+        else:
+            os.remove(other)
     if not os.path.isfile(os.path.join(folder, KEY)):
         unique = os.path.join(folder, f"{KEY}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(unique, "w") as f:
