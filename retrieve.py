@@ -213,8 +213,9 @@ def update_index(args, device, amp):
     kept = {p for p, stat in (old or {}).get("files", {}).items() if found.get(p) == stat}
     wanted = lambda path, stat: found.get(path) == stat and path not in kept  # noqa: E731
     encoded, failed = pending_files(folder, wanted)
-    if encoded and args.processes == 1:
-        print(f"resuming: {len(encoded)} images were encoded by an interrupted run or by shards", flush=True)
+    taken = [p for p in encoded if in_part(p, args.shard)]
+    if taken and args.processes == 1:
+        print(f"resuming: {len(taken)} images were encoded by shards or an interrupted run", flush=True)
     skipped = {}
     for path in [p for p in unreadable if in_part(p, args.shard)]:
         note_skipped(skipped, path, f"{path}: {unreadable[path]}")

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import stat
+import tempfile
 import time
 
 import numpy as np
@@ -39,7 +40,7 @@ def read_manifest(folder):
 def pending_folder(index_dir, key, only=False):
     """The folder of the chunks encoded for `key` (the model and tiling), made if missing. Shard processes, on
     several machines too, make it at once: a folder per key (no process ever clears another's), its key file written
-    under a name of this process and moved into place. only: the folders of other keys (stale chunks of another model
+    under a name of its own and moved into place. only: the folders of other keys (stale chunks of another model
     or tiling) are removed, as a plain run does."""
     root, name = os.path.join(index_dir, PENDING), hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = os.path.join(root, name)
@@ -50,10 +51,9 @@ def pending_folder(index_dir, key, only=False):
         else:
             os.remove(other)
     if not os.path.isfile(os.path.join(folder, KEY)):
-        unique = os.path.join(folder, f"{KEY}.{socket.gethostname()}.{os.getpid()}.tmp")
-        with open(unique, "w") as f:
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:  # a name of its own
             f.write(key)
-        os.replace(unique, os.path.join(folder, KEY))
+        os.replace(f.name, os.path.join(folder, KEY))
     return folder
 
 

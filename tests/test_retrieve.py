@@ -5,9 +5,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 
 import numpy as np
@@ -394,3 +396,18 @@ def test_a_failed_first_run_leaves_no_index_folder(clip, tmp_path, capsys, monke
     with pytest.raises(KeyboardInterrupt):
         index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
     assert not (tmp_path / "idx").exists()
+
+
+def test_shards_that_start_at_once_share_one_pending_folder(tmp_path, monkeypatch):
+    """Processes of several shards make pending/ and its key file at once: none fails, none clears another's."""
+    start, key = threading.Barrier(16), '["a model", null]'
+    monkeypatch.setattr(os.path, "isfile", lambda path: False)  # every one of them writes the key file
+
+    def shard(_):
+        start.wait()
+        return store.pending_folder(str(tmp_path / "idx"), key)
+    with ThreadPoolExecutor(16) as pool:
+        folders = set(pool.map(shard, range(16)))
+    assert len(folders) == 1 and os.listdir(tmp_path / "idx" / store.PENDING) == [os.path.basename(*folders)]
+    assert os.listdir(*folders) == [store.KEY] and open(os.path.join(*folders, store.KEY)).read() == key
+    assert socket.gethostname() in store.chunk_name() and f"-{os.getpid()}." in store.chunk_name()
