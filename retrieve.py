@@ -187,6 +187,17 @@ def index(args, device, amp):
         raise
 
 
+def scanned(args):
+    """store.scan of args.source, refused when it holds no image that can be read."""
+    found, unreadable = store.scan(args.source, args.data_root, args.index)
+    if not found:
+        first = next(iter(unreadable.items()), None)
+        raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}" + (
+            f": {len(unreadable)} found, none readable ({first[0]}: {first[1]}{', ...' * (len(unreadable) > 1)})"
+            if first else ""))
+    return found, unreadable
+
+
 def update_index(args, device, amp):
     """index()'s work: the checks, the scan, this process's part encoded (by --processes workers first), then,
     unless this is a shard, the join."""
@@ -198,9 +209,7 @@ def update_index(args, device, amp):
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
     if old:
         refuse_another_model(args.index, old, record, tile)  # before loading it: a refusal needs no download
-    found, unreadable = store.scan(args.source, args.data_root, args.index)
-    if not found:
-        raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}")
+    found, unreadable = scanned(args)
     os.makedirs(args.index, exist_ok=True)
     model = load_model(record, device, amp, state)  # here too with --processes: a model refused once, not P times
     record["activation"] = model.config.activation
