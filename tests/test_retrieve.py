@@ -411,3 +411,22 @@ def test_shards_that_start_at_once_share_one_pending_folder(tmp_path, monkeypatc
     assert len(folders) == 1 and os.listdir(tmp_path / "idx" / store.PENDING) == [os.path.basename(*folders)]
     assert os.listdir(*folders) == [store.KEY] and open(os.path.join(*folders, store.KEY)).read() == key
     assert socket.gethostname() in store.chunk_name() and f"-{os.getpid()}." in store.chunk_name()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_encode_their_parts_and_a_plain_run_joins(clip, tmp_path, capsys, monkeypatch):
+    """Under torchrun, without --shard, each rank encodes the part RANK/WORLD_SIZE names."""
+    noise_images(tmp_path / "archive", [f"img{i:02d}.png" for i in range(12)])
+    index(capsys, tmp_path / "archive", tmp_path / "one", clip[0])
+    argv = ["index", str(tmp_path / "idx"), str(tmp_path / "archive"), "--clip", clip[0], "--clip-activation",
+            "quick_gelu", "--workers", "1", "--amp", "off", "--json"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(REPO, "retrieve.py"), *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(part["shard"] for part in parts) == ["0/2", "1/2"] and sum(p["encoded"] for p in parts) == 12
+    encoded, real = [], retrieve.embed_images
+    monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.extend(images) or real(m, images, *a))
+    assert run(capsys, *argv)["encoded"] == 12 and encoded == []
+    assert index_files(tmp_path / "idx") == index_files(tmp_path / "one")
