@@ -10,8 +10,13 @@ changed files; the manifest is replaced last, so an interrupted run leaves the p
 """
 import argparse
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +39,7 @@ BATCH = 32  # images per forward pass
 FILES_PER_CHUNK = 64  # files per saved chunk: what an interrupted run loses at most
 MAX_UPLOAD = 20 * 2 ** 20
 THUMBNAIL = 256
+SAY_SKIPPED = 20  # skipped files said one line each, the rest counted (the summary gives all)
 
 
 def model_record(args):
@@ -86,23 +92,36 @@ def crop(image, box):
     return image if box is None else image.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
 
 
-def prepare(path, tile, resolution):
-    """(box, CLIP's input tensor) for each entry of an image file, or None (said) when it cannot be decoded."""
+def prepare(path, tile, resolution, skipped):
+    """(box, CLIP's input tensor) for each entry of an image file, or None when it cannot be decoded (said, and
+    added to `skipped`)."""
     try:
         image = data.open_image(path)
-    except (OSError, ValueError) as e:
-        print(f"skipped: {e}", flush=True)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        note_skipped(skipped, path, str(e))
         return None
     preprocess = clip_min.transform(resolution)  # short side resized (bicubic), center crop: as data.cache_images
     return [(box, preprocess(crop(image, box))) for box in tiles(*image.size, tile)]
 
 
-def embed_images(model, images, device, amp):
-    """fp16 L2-normalised embeddings [N, dim] (numpy) of preprocessed image tensors."""
+def note_skipped(skipped, path, why):
+    """A file indexing skips: said (up to SAY_SKIPPED lines, then only counted) and added to `skipped`."""
+    skipped[path] = why
+    if len(skipped) <= SAY_SKIPPED:
+        print(f"skipped: {why}" + (" (further skipped files are counted, not said)" if len(skipped) == SAY_SKIPPED
+                                   else ""), flush=True)
+
+
+def embed_images(model, images, device, amp, padded=False):
+    """fp16 L2-normalised embeddings [N, dim] (numpy) of preprocessed image tensors. padded: every batch padded to
+    BATCH, so that an image's embedding does not depend on how many share its batch (kernels differ with the shape):
+    an index comes out the same however its files were split into chunks, shards and runs."""
     out = [np.zeros((0, model.config.embed_dim), np.float16)]
     with torch.no_grad(), runtime.autocast(device.type, amp):
         for i in range(0, len(images), BATCH):
-            features = model.encode_image(torch.stack(images[i:i + BATCH]).to(device))
+            batch = images[i:i + BATCH]
+            pad = [torch.zeros_like(batch[0])] * (BATCH - len(batch)) if padded else []
+            features = model.encode_image(torch.stack([*batch, *pad]).to(device))[:len(batch)]
             out.append(F.normalize(features.float(), dim=-1).half().cpu().numpy())
     return np.concatenate(out)
 
@@ -113,62 +132,159 @@ def embed_text(model, text, device, amp):
         return F.normalize(model.encode_text(clip_min.trim(tokens).to(device)).float(), dim=-1)[0].cpu()
 
 
-def encode_files(model, paths, found, tile, folder, device, amp, workers):
-    """Encode `paths` chunk by chunk, each chunk saved under `folder` as soon as it is done; progress with an ETA."""
-    started, said = time.time(), 0.0
+def encode_files(model, paths, found, tile, folder, device, amp, workers, skipped=None, label=""):
+    """Encode `paths` chunk by chunk, each chunk saved under `folder` as soon as it is done, with the files it could
+    not decode (added to `skipped`); progress with an ETA, after `label`."""
+    started, said, skipped = time.time(), 0.0, {} if skipped is None else skipped
     per_chunk = FILES_PER_CHUNK if not tile else max(1, workers)  # a tiled scene holds hundreds of entries
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for first in range(0, len(paths), per_chunk):
             group = paths[first:first + per_chunk]
             done = [(p, entries) for p, entries in zip(group, pool.map(
-                lambda p: prepare(p, tile, model.visual.input_resolution), group)) if entries is not None]
+                lambda p: prepare(p, tile, model.visual.input_resolution, skipped), group)) if entries is not None]
             rows = [[p, box] for p, entries in done for box, _ in entries]
-            embeddings = embed_images(model, [x for _, entries in done for _, x in entries], device, amp)
-            meta = json.dumps({"rows": rows, "files": {p: found[p] for p, _ in done}})
-            store.write_atomically(os.path.join(folder, f"chunk-{time.time_ns()}.npz"),
-                             lambda f: np.savez(f, embeddings=embeddings, meta=np.array(meta)))
+            embeddings = embed_images(model, [x for _, entries in done for _, x in entries], device, amp, True)
+            meta = json.dumps({"rows": rows, "files": {p: found[p] for p, _ in done},
+                               "skipped": {p: found[p] for p in group if p in skipped}})
+            store.write_atomically(os.path.join(folder, store.chunk_name()),
+                                   lambda f: np.savez(f, embeddings=embeddings, meta=np.array(meta)))
             count, elapsed = first + len(group), time.time() - started
             if time.time() - said >= 5 or count == len(paths):
                 rate = count / max(elapsed, 1e-9)
-                print(f"encoded {count}/{len(paths)} images, {rate:.1f}/s, ETA "
+                print(f"{label}encoded {count}/{len(paths)} images, {rate:.1f}/s, ETA "
                       f"{time.strftime('%H:%M:%S', time.gmtime((len(paths) - count) / rate))}", flush=True)
                 said = time.time()
 
 
+def in_part(path, shard):
+    """Whether file `path` is in part I of N (shard (I, N); None: the whole archive). A hash of the path, not its
+    position: a file stays in its part however the archive grows, on every machine that sees it at that path."""
+    if shard is None:
+        return True
+    return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") % shard[1] == shard[0]
+
+
+def pending_files(folder, wanted):
+    """(files encoded, files that could not be decoded) in the pending chunks, of the files wanted(path, stat)."""
+    encoded, failed = set(), set()
+    for rows, tried, _ in store.pending_chunks(folder, wanted):
+        encoded |= {p for p, _ in rows}
+        failed |= {p for p, stat in tried.items() if wanted(p, stat)}
+    return encoded, failed - encoded
+
+
 def index(args, device, amp):
-    """Bring the index in args.index up to date with args.source; the counts of files."""
-    os.makedirs(args.index, exist_ok=True)
+    """Bring the index in args.index up to date with args.source, or with --shard encode one part into its
+    pending/ only; the counts. A failed run removes the index folder it made unless it saved chunks there (the next
+    run resumes from them)."""
+    made = not os.path.exists(args.index)
+    try:
+        return update_index(args, device, amp)
+    except BaseException:
+        saved = [f for _, _, files in os.walk(args.index) for f in files if f.endswith(".npz") or f == store.MANIFEST]
+        if made and not saved:
+            shutil.rmtree(args.index, ignore_errors=True)
+        raise
+
+
+def scanned(args):
+    """store.scan of args.source, refused when it holds no image that can be read."""
+    found, unreadable = store.scan(args.source, args.data_root, args.index)
+    if not found:
+        first = next(iter(unreadable.items()), None)
+        raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}" + (
+            f": {len(unreadable)} found, none readable ({first[0]}: {first[1]}{', ...' * (len(unreadable) > 1)})"
+            if first else ""))
+    return found, unreadable
+
+
+def update_index(args, device, amp):
+    """index()'s work: the checks, the scan, this process's part encoded (by --processes workers first), then,
+    unless this is a shard, the join."""
+    if os.path.isfile(args.index):
+        raise ValueError(f"{args.index} is a file: the index DIR is a folder (made if missing)")
     current = store.read_manifest(args.index)
     old = None if args.rebuild else current
     record, state = model_record(args)
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
     if old:
         refuse_another_model(args.index, old, record, tile)  # before loading it: a refusal needs no download
-    model = load_model(record, device, amp, state)
+    found, unreadable = scanned(args)
+    os.makedirs(args.index, exist_ok=True)
+    model = load_model(record, device, amp, state)  # here too with --processes: a model refused once, not P times
     record["activation"] = model.config.activation
     if old:
         refuse_another_model(args.index, old, record, tile)
-    found = store.scan(args.source, args.data_root, args.index)
-    if not found:
-        raise ValueError(f"no images ({', '.join(store.EXTENSIONS)}) under {args.source}")
-    old_files = (old or {}).get("files", {})
-    kept = {p for p, stat in old_files.items() if found.get(p) == stat}
-    folder, key = os.path.join(args.index, store.PENDING), json.dumps([record, tile])
+    if args.processes > 1:
+        run_shard_processes(args, args.shard or (0, 1))
+    key = json.dumps([{k: record[k] for k in ("sha256", "method", "backbone", "activation")}, tile])
+    folder = store.pending_folder(args.index, key, only=args.shard is None)
+    kept = {p for p, stat in (old or {}).get("files", {}).items() if found.get(p) == stat}
     wanted = lambda path, stat: found.get(path) == stat and path not in kept  # noqa: E731
-    resumed = {p for rows, _ in store.pending_chunks(folder, key, wanted) for p, _ in rows}
-    if resumed:
-        print(f"resuming: {len(resumed)} images were encoded by an interrupted run", flush=True)
-    encode_files(model, [p for p in found if p not in kept and p not in resumed], found, tile, folder, device, amp,
-                 args.workers)
-    new = list(store.pending_chunks(folder, key, wanted))
-    fresh = {p for rows, _ in new for p, _ in rows}
-    manifest = {"format": 1, "generation": (current or {}).get("generation", 0) + 1, "model": record, "tile": tile,
-                "dim": model.config.embed_dim, "files": {p: found[p] for p in sorted(kept | fresh)}, "entries": []}
-    manifest["embeddings"] = f"embeddings-{manifest['generation']}.npy"
-    old_parts = store.kept_rows(old, store.load_index(args.index)[1], kept) if kept else []
-    store.write_index(args.index, manifest, [*old_parts, *new])
-    return {"encoded": len(fresh), "removed": len(set(old_files) - set(found)), "unchanged": len(kept),
-            "total": len(manifest["files"])}
+    encoded, failed = pending_files(folder, wanted)
+    taken = [p for p in encoded if in_part(p, args.shard)]
+    if taken and args.processes == 1:
+        print(f"resuming: {len(taken)} images were encoded by shards or an interrupted run", flush=True)
+    skipped = {}
+    for path in [p for p in unreadable if in_part(p, args.shard)]:
+        note_skipped(skipped, path, f"{path}: {unreadable[path]}")
+    shard, done = args.shard and f"{args.shard[0]}/{args.shard[1]}", kept | encoded | failed
+    encode_files(model, [p for p in found if p not in done and in_part(p, args.shard)], found, tile, folder, device,
+                 amp, args.workers, skipped, f"shard {shard}: " if shard else "")
+    encoded, failed = pending_files(folder, wanted)
+    if shard:
+        part = lambda files: len([p for p in files if in_part(p, args.shard)])  # noqa: E731
+        return {"shard": shard, "encoded": part(encoded), "skipped": part(unreadable) + part(failed)}
+    generation = (current or {}).get("generation", 0) + 1
+    manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
+                "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
+                "embeddings": f"embeddings-{generation}.npy"}
+    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted))
+    return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
+            "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
+            "entries": len(manifest["entries"])}
+
+
+def write_joined(folder, manifest, old, kept, scanned, chunks):
+    """The new index: the old one's entries of unchanged files, then the pending chunks' in the order of the scan,
+    whichever runs, shards and chunks encoded them."""
+    old_parts = store.kept_rows(old, store.load_index(folder)[1], kept) if kept else []
+    position = {p: i for i, p in enumerate(scanned)}
+    store.write_index(folder, manifest, [*old_parts, store.pending_in_order(list(chunks), position, manifest["dim"])])
+
+
+def run_shard_processes(args, shard):
+    """--processes P: P processes of this command each encode a part of this run's part I/N (a GPU each, where
+    there are several), their chunks into pending/; all have ended when this returns, for the join."""
+    (i, n), count, devices = shard, args.processes, visible_devices()
+    procs, codes = [], []
+    try:
+        for j in range(count):
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[j % len(devices)]
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))  # no oversubscription
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *args.argv, "--shard",
+                                           f"{i + n * j}/{n * count}", "--processes", "1"], env=env,
+                                          stdout=subprocess.DEVNULL))
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    failed = [f"{i + n * j}/{n * count}" for j, code in enumerate(codes) if code]
+    if failed:
+        raise ValueError(f"shard {', '.join(failed)} failed (its lines above say why); the same command again "
+                         "resumes from what the shards saved")
+
+
+def visible_devices():
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them; [] without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return named.split(",") if named else [str(d) for d in range(torch.cuda.device_count())]
 
 
 def results(manifest, embeddings, query, k, label, scan=None):
@@ -270,7 +386,14 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
 
 
 def serve(args, device, amp):
-    httpd = make_server(args.index, args.host, args.port, device, amp)
+    try:
+        httpd = make_server(args.index, args.host, args.port, device, amp)
+    except OSError as e:  # the address only: a missing index is said as it is
+        if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            hint = "another server holds it: pass another --port, or --port 0 for any free one" if (
+                e.errno == errno.EADDRINUSE) else "pass a --host of this machine (127.0.0.1: this machine only)"
+            raise ValueError(f"cannot serve at {args.host}:{args.port}: {e.strerror}; {hint}") from e
+        raise
     host, port = httpd.server_address[:2]
     print(f"serving {len(httpd.app['entries'])} entries of {args.index} at http://{host}:{port}/", flush=True)
     try:
@@ -296,43 +419,102 @@ def parse_args(argv=None):
     make.add_argument("--tile", type=int, metavar="SIZE", help="cut images larger than SIZE pixels into SIZE x SIZE "
                                                                "tiles, each an entry [the index's; none]")
     make.add_argument("--rebuild", action="store_true", help="start over (the old index stays until the new is done)")
-    make.add_argument("--workers", type=int, default=4, help="decoding threads")
+    make.add_argument("--workers", type=int, default=4, help="decoding threads [4]")
+    make.add_argument("--shard", type=shard_spec, metavar="I/N", help="encode only part I of N (0 <= I < N; a hash "
+                      "of each path) into DIR/pending/; then the same command without --shard joins the parts "
+                      "[RANK/WORLD_SIZE when set, as torchrun sets them]")
+    make.add_argument("--processes", type=int, metavar="P", help="P processes each encode a part (one GPU each), "
+                      "then the join [1; every visible GPU when there are several]")
     find = verbs.add_parser("search", help="the best matches of a text or an image")
     find.add_argument("index", metavar="DIR")
     find.add_argument("query", nargs="?", help="a description, e.g. 'a bridge over a river'")
     find.add_argument("--image", help="search by this example image instead")
-    find.add_argument("--top", type=int, default=10)
+    find.add_argument("--top", type=int, default=10, help="how many results [10]")
     find.add_argument("--gallery", metavar="PNG", help="also draw the query and its results")
     web = verbs.add_parser("serve", help="a search page for a browser")
     web.add_argument("index", metavar="DIR")
     web.add_argument("--host", default="127.0.0.1", help="[loopback: this machine only]")
-    web.add_argument("--port", type=int, default=8000, help="0: any free port")
+    web.add_argument("--port", type=int, default=8000, help="0: any free port [8000]")
     for verb in (make, find, web):
         verb.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 where the hardware computes it]")
     for verb in (make, find):
         verb.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    if args.verb == "index" and args.tile is not None and args.tile < 16:
-        p.error(f"--tile SIZE must be at least 16 pixels, got {args.tile}")
-    if args.verb == "search" and args.top < 1:
-        p.error(f"--top must be positive, got {args.top}")
+    if usage_error(args):
+        p.error(usage_error(args))
+    if args.verb == "index" and args.shard is None:
+        args.shard = torchrun_shard(p)
     return args
+
+
+def usage_error(args):
+    """What parse_args refuses beyond argparse's own checks (impossible values, a blank query, a folder as --image, a
+    --gallery that cannot be written), or None."""
+    v = vars(args)
+    if v.get("tile") is not None and v["tile"] < 16:
+        return f"--tile SIZE must be at least 16 pixels, got {v['tile']}"
+    for flag in ("workers", "processes"):
+        if v.get(flag) is not None and v[flag] < 1:
+            return f"--{flag} must be at least 1, got {v[flag]}"
+    if v.get("top") is not None and v["top"] < 1:
+        return f"--top must be positive, got {v['top']}"
+    if v.get("query") is not None and not v["query"].strip():
+        return "the query is blank: describe what to find, e.g. 'a bridge over a river', or pass --image"
+    if v.get("image") and os.path.isdir(v["image"]):
+        return f"--image {v['image']} is a folder: give one image file"
+    folder = v.get("gallery") and os.path.dirname(os.path.abspath(v["gallery"]))
+    if folder and not os.path.isdir(folder):
+        return f"--gallery {v['gallery']}: there is no folder {folder} to write it in"
+    Image.init()  # every format's file extensions registered
+    if folder and os.path.splitext(v["gallery"])[1].lower() not in Image.registered_extensions():
+        return f"--gallery {v['gallery']}: name an image file to write, e.g. results.png"
+    if v.get("port") is not None and not 0 <= v["port"] <= 65535:
+        return f"--port must be from 0 to 65535 (0: any free port), got {v['port']}"
+    return None
+
+
+def shard_spec(text):
+    """--shard's value: I/N, 0 <= I < N, as (I, N)."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got {text!r}")
+    return int(i), int(n)
+
+
+def torchrun_shard(p):
+    """(RANK, WORLD_SIZE) where a launcher (torchrun, ...) set them for several processes; None otherwise."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    if world == "1":
+        return None
+    try:
+        return shard_spec(f"{rank}/{world}")
+    except argparse.ArgumentTypeError:
+        p.error(f"RANK={rank} and WORLD_SIZE={world}: as a shard I/N they must be whole numbers, 0 <= RANK < "
+                "WORLD_SIZE")
 
 
 def printed(args, result):
     if args.json:
         return json.dumps(result)
+    if args.verb == "index" and "shard" in result:
+        return (f"{args.index}: shard {result['shard']}: {result['encoded']} images encoded, {result['skipped']} "
+                "skipped; when every shard is done, the same command without --shard joins them")
     if args.verb == "index":
         return (f"{args.index}: {result['encoded']} encoded, {result['removed']} removed, {result['unchanged']} "
-                f"unchanged; {result['total']} images")
+                f"unchanged, {result['skipped']} skipped; {result['total']} images, {result['entries']} entries")
     tile = lambda t: f"  tile x={t[0]} y={t[1]} {t[2]}x{t[3]}" if t else ""  # noqa: E731
     return "\n".join(f"{i + 1:4d}  {hit['score']:.4f}  {hit['path']}{tile(hit['tile'])}"
                      for i, hit in enumerate(result["results"]))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.argv = argv  # for the --processes workers
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    if args.verb == "index" and args.processes is None:  # one command uses every GPU of the machine
+        args.processes = len(visible_devices()) if "WORLD_SIZE" not in os.environ and device.type == "cuda" else 1
     if device.type == "cpu":
         runtime.keep_freed_memory()
     if args.verb == "serve":

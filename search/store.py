@@ -2,9 +2,15 @@
 L2-normalised embeddings it names, one row per entry; pending/ holds the encoded chunks of a run not yet finished.
 Writers replace the manifest last, so that a reader sees the old index or the new one, never a mix (docs/search.md).
 """
+import errno
+import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
+import tempfile
+import time
 
 import numpy as np
 
@@ -12,6 +18,7 @@ import data
 
 EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MANIFEST, PENDING = "manifest.json", "pending"  # pending/: chunks of a run that has not finished
+KEY = "key.json"  # in pending/<hash of the key>/: the model and tiling its chunks were encoded with
 
 
 def write_atomically(path, write):
@@ -30,18 +37,62 @@ def read_manifest(folder):
         return json.load(f)
 
 
-def pending_chunks(folder, key, wanted):
-    """(rows, embeddings) saved by a run with the same model and tiling that did not finish, the rows of files
-    wanted(path, stat) only; chunks of another model or tiling are removed."""
-    if (read_manifest(folder) or {}).get("key") != key:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        write_atomically(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps({"key": key}).encode()))
+def pending_folder(index_dir, key, only=False):
+    """The folder of the chunks encoded for `key` (the model and tiling), made if missing. Shard processes, on
+    several machines too, make it at once: a folder per key (no process ever clears another's), its key file written
+    under a name of its own and moved into place. only: the folders of other keys (stale chunks of another model
+    or tiling) are removed, as a plain run does."""
+    root, name = os.path.join(index_dir, PENDING), hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    for other in [os.path.join(root, n) for n in os.listdir(root) if only and n != name]:
+        if os.path.isdir(other):
+            shutil.rmtree(other)
+        else:
+            os.remove(other)
+    if not os.path.isfile(os.path.join(folder, KEY)):
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:  # a name of its own
+            f.write(key)
+        os.replace(f.name, os.path.join(folder, KEY))
+    return folder
+
+
+def chunk_name():
+    """A chunk's file name, unique across the processes and machines that write one folder."""
+    return f"chunk-{time.time_ns()}-{socket.gethostname()}-{os.getpid()}.npz"
+
+
+def pending_chunks(folder, wanted):
+    """(rows, skipped, load) of each chunk saved in `folder` by this run, an interrupted one or a shard: the rows of
+    files wanted(path, stat) only, each file from the first chunk that holds it; the files it could not decode;
+    load() reads the embeddings of those rows."""
+    taken = set()
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".npz")):
-        with np.load(os.path.join(folder, name)) as chunk:
+        path = os.path.join(folder, name)
+        with np.load(path) as chunk:
             meta = json.loads(str(chunk["meta"]))
-            keep = np.array([wanted(p, meta["files"][p]) for p, _ in meta["rows"]], bool)
-            yield [row for row, k in zip(meta["rows"], keep) if k], chunk["embeddings"][keep]
+        keep = [p not in taken and wanted(p, meta["files"][p]) for p, _ in meta["rows"]]
+        taken |= set(meta["files"])
+
+        def load(path=path, keep=np.array(keep, bool)):
+            with np.load(path) as chunk:
+                return chunk["embeddings"][keep]
+        yield [row for row, k in zip(meta["rows"], keep) if k], meta.get("skipped", {}), load
+
+
+def pending_in_order(chunks, position, dim):
+    """One (entries, embeddings) of the chunks' rows in the order of position[path] (a file's tiles in their own
+    order), whichever chunks, shards and runs encoded them: the index one process would write. Each chunk's
+    embeddings go straight to their rows (memory: the new embeddings once)."""
+    rows = [row for chunk_rows, _, _ in chunks for row in chunk_rows]
+    order = sorted(range(len(rows)), key=lambda n: position[rows[n][0]])  # stable: tiles keep their order
+    target = np.empty(len(rows), np.int64)
+    target[order] = np.arange(len(rows))
+    out, start = np.empty((len(rows), dim), np.float16), 0
+    for chunk_rows, _, load in chunks:
+        out[target[start:start + len(chunk_rows)]] = load()
+        start += len(chunk_rows)
+    return [rows[n] for n in order], out
 
 
 def kept_rows(manifest, embeddings, kept, step=65536):
@@ -81,17 +132,36 @@ def load_index(folder):
 
 
 def scan(source, data_root, index_dir):
-    """path -> [size, mtime_ns] of the images under folder `source` (recursively), or of every split of dataset
-    `source` (data.prepare_dataset's names, under --data-root)."""
+    """({path: [size, mtime_ns]}, {path: why skipped}) of the images under folder `source` (recursively), or of
+    every split of dataset `source` (data.prepare_dataset's names, under --data-root). What is not a readable regular
+    file (a dangling symlink, a file without read permission, a device) is skipped, not fatal."""
     if os.path.isdir(source):
         paths, skip = [], os.path.abspath(index_dir)
         for folder, dirs, files in os.walk(os.path.abspath(source)):
             dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != skip)
             paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
-    elif os.sep in source or os.path.exists(source):  # a path, not a dataset's name
+    elif data.is_archive(source):
+        folder = os.path.dirname(os.path.abspath(source))
+        raise ValueError(f"{source} is a CSV/TSV archive: index takes a folder of images or a dataset name (rsitmd, "
+                         f"rsicd, ucm, demo); pass the folder its images lie in, e.g. {folder}")
+    elif os.path.exists(source):
+        raise ValueError(f"{source} is a file: index takes a folder of images or a dataset name (rsitmd, rsicd, "
+                         "ucm, demo)")
+    elif os.sep in source:  # a path, not a dataset's name
         raise FileNotFoundError(f"no folder {source}")
     else:
         name, root = data.prepare_dataset(source, data_root)
         paths = sorted({os.path.abspath(p) for part in ("trainval", "test")
                         for p in data.load_split(name, root, part).image_paths})
-    return {p: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
+    found, skipped = {}, {}
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            skipped[path] = "a dangling symlink" if e.errno == errno.ENOENT and os.path.islink(path) else e.strerror
+            continue
+        if not stat.S_ISREG(info.st_mode) or not os.access(path, os.R_OK):
+            skipped[path] = "not a regular file" if not stat.S_ISREG(info.st_mode) else "no permission to read it"
+        else:
+            found[path] = [info.st_size, info.st_mtime_ns]
+    return found, skipped

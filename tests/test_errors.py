@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import retrieve
 import train
 from support import run_folder, runtime
 from helpers import REPO, make_world
@@ -42,6 +44,7 @@ def world(tmp_path_factory):
         patch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
         train.main(train_args(world, root / "run", "--epochs", "1"))
         train.main(train_args(world, root / "zeroshot", "--method", "zeroshot"))  # metrics.jsonl, test.json: no last.pt
+        write_index(world, root)
     clip = open(world.clip, "rb").read()
     (root / "truncated.pt").write_bytes(clip[:len(clip) // 2])
     (root / "random.pt").write_bytes(os.urandom(4096))
@@ -56,7 +59,21 @@ def world(tmp_path_factory):
                          ("changed.pt", {**best["backbone"], "sha256": "0" * 64})):
         torch.save({**best, "backbone": record}, root / name)  # trained on a file since moved, or rewritten
     write_archives(root)
-    return SimpleNamespace(**vars(world), run=root / "run", tmp=root)
+    busy = socket.create_server(("127.0.0.1", 0))  # a port in use while the module's tests run
+    return SimpleNamespace(**vars(world), run=root / "run", tmp=root, busy=busy, busy_port=busy.getsockname()[1])
+
+
+def write_index(world, root):
+    """photos/: two images; idx/: their index, made with the micro CLIP."""
+    os.makedirs(root / "photos")
+    for k in range(2):
+        Image.fromarray(np.full((24, 30, 3), 100 * k, np.uint8)).save(root / "photos" / f"{k}.png")
+    retrieve.main(index_args(SimpleNamespace(**vars(world), tmp=root), "idx"))
+
+
+def index_args(world, folder, source="photos", *extra):
+    return ["index", str(world.tmp / folder), str(world.tmp / source), "--clip", world.clip, "--clip-activation",
+            "quick_gelu", "--workers", "1", *extra]
 
 
 def write_archives(root):
@@ -92,6 +109,7 @@ def bad_value(flag, value, said, new="new"):
     return row("train.py", lambda w: train_args(w, w.tmp / new, flag, value), 2, said, absent=[new])
 
 
+INDEX_FILES = ["idx/manifest.json", "idx/embeddings-1.npy"]
 RUN_FILES = ["run/last.pt", "run/best.pt", "run/metrics.jsonl", "run/test.json"]
 ZEROSHOT_FILES = ["zeroshot/metrics.jsonl", "zeroshot/test.json", "zeroshot/splits.json"]
 BAD_INPUTS = {
@@ -239,6 +257,63 @@ BAD_INPUTS = {
                                r"error: --workers must be at least 1, got 0$"),
     "report-csv-separator-two-characters": row("data.py", lambda w: [str(w.tmp / "one.csv"), "--csv-separator", "ab"],
                                                2, r"error: argument --csv-separator: one character"),
+    # ---------------------------------------------------------------- retrieve.py
+    "index-source-is-a-csv": row("retrieve.py", lambda w: index_args(w, "new-idx", "one.csv"), 1,
+                                 r"^error: .*one.csv is a CSV/TSV archive: index takes a folder of images or a "
+                                 r"dataset name .*pass the folder its images lie in, e.g. ", ["one.csv"], ["new-idx"]),
+    "index-source-is-a-file": row("retrieve.py", lambda w: index_args(w, "new-idx", "0.jpg"), 1,
+                                  r"^error: .*0.jpg is a file: index takes a folder of images or a dataset name",
+                                  absent=["new-idx"]),
+    "index-source-missing": row("retrieve.py", lambda w: index_args(w, "new-idx", "nowhere"), 1,
+                                r"^error: no folder .*nowhere$", absent=["new-idx"]),
+    "index-source-without-images": row("retrieve.py", lambda w: index_args(w, "new-idx", "run"), 1,
+                                       r"^error: no images \(.tif, .tiff, .png, .jpg, .jpeg\) under .*run$",
+                                       RUN_FILES, ["new-idx"]),
+    "index-dir-is-a-file": row("retrieve.py", lambda w: index_args(w, "a-file"), 1,
+                               r"^error: .*a-file is a file: the index DIR is a folder", ["a-file"]),
+    "index-clip-missing": row("retrieve.py", lambda w: [*index_args(w, "new-idx"), "--clip", "nowhere.pt"], 1,
+                              r"^error: model 'nowhere.pt' is neither a known name nor a file", absent=["new-idx"]),
+    "index-processes-clip-missing": row("retrieve.py", lambda w: [*index_args(w, "new-idx", "photos", "--processes",
+                                                                         "2"), "--clip", "nowhere.pt"], 1,
+                                        r"^error: model 'nowhere.pt' is neither a known name nor a file",
+                                        absent=["new-idx"]),
+    "index-another-model": row("retrieve.py", lambda w: [*index_args(w, "idx"), "--clip", runtime.DEMO_CLIP], 1,
+                               r"^error: .*idx was made with CLIP, .*this run uses .*--rebuild to start over$",
+                               INDEX_FILES),
+    "index-shard-out-of-range": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--shard", "3/3"),
+                                    2, r"error: argument --shard: I/N with 0 <= I < N .*got '3/3'$",
+                                    absent=["new-idx"]),
+    "index-processes-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--processes", "0"), 2,
+                                r"error: --processes must be at least 1, got 0$", absent=["new-idx"]),
+    "index-workers-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--workers", "0"), 2,
+                              r"error: --workers must be at least 1, got 0$", absent=["new-idx"]),
+    "index-tile-too-small": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--tile", "3"), 2,
+                                r"error: --tile SIZE must be at least 16 pixels, got 3$", absent=["new-idx"]),
+    "search-blank-query": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "  "], 2,
+                              r"error: the query is blank: describe what to find, e.g. 'a bridge over a river', or "
+                              r"pass --image$", INDEX_FILES),
+    "search-image-is-a-folder": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "--image",
+                                                              str(w.tmp / "photos")], 2,
+                                    r"error: --image .*photos is a folder: give one image file$", INDEX_FILES),
+    "search-gallery-not-an-image": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "a lake", "--gallery",
+                                                                 str(w.tmp / "out.txt")], 2,
+                                       r"error: --gallery .*out.txt: name an image file to write, e.g. results.png$",
+                                       absent=["out.txt"]),
+    "search-gallery-no-folder": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "a lake", "--gallery",
+                                                              str(w.tmp / "nowhere" / "g.png")], 2,
+                                    r"error: --gallery .*g.png: there is no folder .*nowhere to write it in$",
+                                    absent=["nowhere"]),
+    "search-top-zero": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "a lake", "--top", "0"], 2,
+                           r"error: --top must be positive, got 0$"),
+    "search-no-index": row("retrieve.py", lambda w: ["search", str(w.tmp / "photos"), "a lake"], 1,
+                           r"^error: no index in .*photos \(make one: python retrieve.py index .*photos SOURCE\)$"),
+    "serve-port-in-use": row("retrieve.py", lambda w: ["serve", str(w.tmp / "idx"), "--port", str(w.busy_port)], 1,
+                             r"^error: cannot serve at 127.0.0.1:\d+: .*in use; another server holds it: pass "
+                             r"another --port, or --port 0 for any free one$", INDEX_FILES),
+    "serve-port-out-of-range": row("retrieve.py", lambda w: ["serve", str(w.tmp / "idx"), "--port", "70000"], 2,
+                                   r"error: --port must be from 0 to 65535 \(0: any free port\), got 70000$"),
+    "serve-host-not-here": row("retrieve.py", lambda w: ["serve", str(w.tmp / "idx"), "--host", "192.0.2.1"], 1,
+                               r"^error: cannot serve at 192.0.2.1:8000: .*; pass a --host of this machine"),
 }
 
 
@@ -254,7 +329,7 @@ def digest(path):
 # Rows run as subprocesses: one per command, so that each __main__ block is seen to take the path. The others run
 # in-process through the same runtime.run_command the __main__ blocks call (a subprocess costs seconds of imports).
 SUBPROCESS = ("run-again-without-resume", "checkpoint-is-openais-format", "table-lr-inf", "miniature-lr-negative",
-              "report-archive-truncated-image")
+              "report-archive-truncated-image", "search-blank-query")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +360,7 @@ def in_process(world, name, capsys, monkeypatch):
     monkeypatch.chdir(world.tmp)
     before = {f: digest(world.tmp / f) for f in case.unchanged}
     main = {"train.py": train, "evaluate.py": evaluate, "table.py": table, "miniature.py": miniature,
-            "data.py": data}[case.script].main
+            "data.py": data, "retrieve.py": retrieve}[case.script].main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         runtime.run_command(lambda: main(case.argv(world)))
