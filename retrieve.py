@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import clip_min
 import data
-from search import exact, server, store
+from search import ann, exact, server, store
 from support import runtime
 
 BATCH = 32  # images per forward pass
@@ -140,6 +140,9 @@ def index(args, device, amp):
     os.makedirs(args.index, exist_ok=True)
     current = store.read_manifest(args.index)
     old = None if args.rebuild else current
+    approximate = args.ann or bool((current or {}).get("ann"))  # an index made with --ann stays approximate
+    if approximate:
+        ann.import_faiss("--ann")  # refused before anything is encoded
     record, state = model_record(args)
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
     if old:
@@ -166,17 +169,19 @@ def index(args, device, amp):
                 "dim": model.config.embed_dim, "files": {p: found[p] for p in sorted(kept | fresh)}, "entries": []}
     manifest["embeddings"] = f"embeddings-{manifest['generation']}.npy"
     old_parts = store.kept_rows(old, store.load_index(args.index)[1], kept) if kept else []
-    store.write_index(args.index, manifest, [*old_parts, *new])
+    store.write_index(args.index, manifest, [*old_parts, *new], (lambda made, rows: ann.build(
+        args.index, made, rows, (old or {}).get("ann"), args.memory)) if approximate else None)
     return {"encoded": len(fresh), "removed": len(set(old_files) - set(found)), "unchanged": len(kept),
             "total": len(manifest["files"])}
 
 
-def results(manifest, embeddings, query, k, label):
-    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves)."""
-    scores, rows = exact.top_k(embeddings, query, k)
+def results(manifest, embeddings, query, k, label, approximate=None):
+    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves), from the
+    approximate index when one is given."""
+    scores, rows = ann.top_k(approximate, embeddings, query, k) if approximate else exact.top_k(embeddings, query, k)
     found = [{"id": r, "path": manifest["entries"][r][0], "score": round(s, 4), "tile": manifest["entries"][r][1]}
              for s, r in zip(scores, rows)]
-    return {"query": label, "results": found}
+    return {"query": label, "results": found, "approximate": approximate is not None}
 
 
 def embed_file(model, image, device, amp):
@@ -215,19 +220,23 @@ def search(args, device, amp):
     if (args.query is None) == (args.image is None):
         raise ValueError("give a text query or --image PATH (one of them)")
     manifest, embeddings = store.load_index(args.index)
+    approximate = None if args.exact else ann.load(args.index, manifest)
     model = load_model(manifest["model"], device, amp)
     query = embed_text(model, args.query, device, amp) if args.query is not None else embed_file(
         model, args.image, device, amp)
-    found = results(manifest, embeddings, query, args.top, args.query if args.query is not None else args.image)
+    found = results(manifest, embeddings, query, args.top, args.query if args.query is not None else args.image,
+                    approximate)
     if args.gallery:
         draw_gallery(found, args.gallery, args.image)
         print(f"wrote {args.gallery}")
     return found
 
 
-def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
-    """A ThreadingHTTPServer for the index in `folder`, its model and embeddings loaded once."""
+def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD, exact_only=False):
+    """A ThreadingHTTPServer for the index in `folder`, its model and embeddings (and approximate index) loaded
+    once."""
     manifest, embeddings = store.load_index(folder)
+    approximate = None if exact_only else ann.load(folder, manifest)
     model, lock = load_model(manifest["model"], device, amp), threading.Lock()
 
     def query(params, upload):
@@ -252,7 +261,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
                 vector, label = embed_text(model, text, device, amp), text
         else:
             return 400, {"error": "give a query: q=TEXT, id=N or an image as the POST body"}
-        return 200, results(manifest, embeddings, vector, int(k), label)
+        return 200, results(manifest, embeddings, vector, int(k), label, approximate)
 
     def jpeg(row):
         try:
@@ -268,7 +277,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
 
 
 def serve(args, device, amp):
-    httpd = make_server(args.index, args.host, args.port, device, amp)
+    httpd = make_server(args.index, args.host, args.port, device, amp, exact_only=args.exact)
     host, port = httpd.server_address[:2]
     print(f"serving {len(httpd.app['entries'])} entries of {args.index} at http://{host}:{port}/", flush=True)
     try:
@@ -309,7 +318,18 @@ def parse_args(argv=None):
         verb.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 where the hardware computes it]")
     for verb in (make, find):
         verb.add_argument("--json", action="store_true", help="print the result as JSON")
+    make.add_argument("--ann", action="store_true", help="also build an approximate FAISS index (kept up to date "
+                      "by later runs; needs requirements-ann.txt)")
+    make.add_argument("--memory", type=float, metavar="GB", help="memory the approximate index may take [4; the "
+                      "index's]")
+    for verb in (find, web):
+        verb.add_argument("--exact", action="store_true", help="score every entry even if there is an approximate "
+                          "index")
     args = p.parse_args(argv)
+    if args.verb == "index" and args.memory is not None:
+        if args.memory <= 0:
+            p.error(f"--memory must be positive, got {args.memory}")
+        args.memory = int(args.memory * 2 ** 30)
     if args.verb == "index" and args.tile is not None and args.tile < 16:
         p.error(f"--tile SIZE must be at least 16 pixels, got {args.tile}")
     if args.verb == "search" and args.top < 1:
