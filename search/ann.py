@@ -15,6 +15,8 @@ TRAIN_PER_LIST = 40  # training points per inverted list (FAISS's k-means asks f
 RETRAIN_GROWTH = 4  # retrain once the archive holds this many times the entries the index was trained on
 CANDIDATES_PER_RESULT, MIN_CANDIDATES = 20, 1000  # how many FAISS hits are re-ranked exactly for a top-k
 NPROBE_PER_LIST, MIN_NPROBE = 16, 32  # inverted lists visited per query: nlist / 16, at least 32
+FLAT_LISTS = 2 ** 14  # list centres compared one by one (a few ms at most); beyond, through an HNSW graph
+QUANTIZER_EF = 512  # the graph's search breadth: list centres are nearly equidistant, narrower searches miss the best
 DEFAULT_MEMORY = 4 * 2 ** 30  # bytes the approximate index may take in memory, unless --memory says otherwise
 
 
@@ -30,15 +32,17 @@ def import_faiss(why):
 def choose_factory(rows, dim, memory):
     """A FAISS index_factory string for `rows` vectors within `memory` bytes, as autofaiss chooses: the full vectors
     with an HNSW graph or inverted lists while they are few and fit, else product-quantised codes in inverted lists
-    with an HNSW coarse quantiser (the biggest codes that fit, at most one byte per 8 dimensions)."""
+    (the biggest codes that fit, at most one byte per 8 dimensions), their list centres searched through an HNSW
+    graph once there are too many to compare with all of them."""
     nlist = 2 ** max(4, round(np.log2(np.sqrt(max(rows, 1)))))  # ~sqrt(N) lists of ~sqrt(N) entries
     if rows < SMALL and rows * (4 * dim + 256) <= memory:  # the vectors and 64 graph links each
         return "HNSW32,Flat"
     if rows < MEDIUM and rows * (4 * dim + 8) <= memory:
         return f"IVF{nlist},Flat"
+    coarse = f"IVF{nlist}" + ("_HNSW32" if nlist > FLAT_LISTS else "")
     for m in (dim // 8, dim // 16, dim // 32, dim // 64):
         if m and dim % m == 0 and rows * (m + 8) <= memory:
-            return f"IVF{nlist}_HNSW32,PQ{m}np"  # np: no polysemous training (minutes, for a filter not used)
+            return f"{coarse},PQ{m}np"  # np: no polysemous training (minutes, for a filter not used)
     raise ValueError(f"--memory {memory / 2 ** 30:g} GB is too little for an approximate index of {rows} entries")
 
 
@@ -50,7 +54,9 @@ def sample(embeddings, count, seed=0):
 
 def trained(faiss, factory, embeddings):
     """An empty index of type `factory`, trained on a sample of the embeddings."""
-    made = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    # L2 on unit rows ranks as the inner product does, and k-means centroids, the HNSW graphs and the product
+    # quantiser's residuals are all made for L2 (under the inner product, centroids of unequal norms mislead them)
+    made = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_L2)
     if not made.is_trained:
         ivf = faiss.extract_index_ivf(made)
         made.train(sample(embeddings, max(TRAIN_PER_LIST * ivf.nlist, 256 * TRAIN_PER_LIST)))  # PQ: 256 each
@@ -77,6 +83,8 @@ def build(folder, manifest, embeddings, previous, memory=None):
     else:
         factory, trained_on = choose_factory(len(embeddings), embeddings.shape[1], memory), len(embeddings)
         made = trained(faiss, factory, embeddings)
+    if "IVF" in factory and "HNSW" in factory:  # entries go to their nearest list, not to a near one
+        faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", QUANTIZER_EF)
     record = {"file": f"ann-{manifest['generation']}.faiss", "type": factory, "trained_on": trained_on,
               "memory": memory}
     path = os.path.join(folder, record["file"])
@@ -106,7 +114,7 @@ def set_nprobe(faiss, made, nprobe):
     """Inverted lists visited per query; an HNSW coarse quantiser searches twice as many list centres for them."""
     faiss.ParameterSpace().set_index_parameter(made, "nprobe", nprobe)
     if isinstance(faiss.extract_index_ivf(made).quantizer, faiss.IndexHNSW):
-        faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", 2 * nprobe)
+        faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", max(QUANTIZER_EF, 2 * nprobe))
 
 
 def top_k(made, embeddings, query, k):

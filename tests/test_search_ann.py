@@ -110,8 +110,9 @@ def test_the_type_follows_the_size_and_the_memory_budget():
     assert ann.choose_factory(50_000, 512, 4 * gb) == "HNSW32,Flat"
     assert ann.choose_factory(50_000, 512, 0.1 * gb).startswith("IVF")  # the graph would not fit
     assert re.fullmatch(r"IVF\d+,Flat", ann.choose_factory(500_000, 512, 4 * gb))
-    assert re.fullmatch(r"IVF\d+_HNSW32,PQ64np", ann.choose_factory(10_000_000, 512, 4 * gb))  # 8 dims a byte
-    assert re.fullmatch(r"IVF\d+_HNSW32,PQ8np", ann.choose_factory(10_000_000, 512, 0.2 * gb))
+    assert re.fullmatch(r"IVF\d+,PQ64np", ann.choose_factory(10_000_000, 512, 4 * gb))  # 8 dims a byte
+    assert re.fullmatch(r"IVF\d+,PQ8np", ann.choose_factory(10_000_000, 512, 0.2 * gb))
+    assert re.fullmatch(r"IVF\d+_HNSW32,PQ64np", ann.choose_factory(2_000_000_000, 512, 200 * gb))
     with pytest.raises(ValueError, match="--memory"):
         ann.choose_factory(10_000_000, 512, 0.1 * gb)
 
@@ -127,7 +128,7 @@ def clustered(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", ["HNSW32,Flat", "IVF64,Flat", "IVF64_HNSW32,PQ8np"])
+@pytest.mark.parametrize("factory", ["HNSW32,Flat", "IVF64,Flat", "IVF64,PQ8np", "IVF64_HNSW32,PQ8np"])
 def test_each_type_finds_the_brute_force_neighbours(clustered, factory, monkeypatch):
     folder, embeddings, queries, truth = clustered
     monkeypatch.setattr(ann, "choose_factory", lambda *args: factory)
