@@ -59,6 +59,7 @@ def trained(faiss, factory, embeddings):
     made = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_L2)
     if not made.is_trained:
         ivf = faiss.extract_index_ivf(made)
+        ivf.cp.spherical = True  # unit centres: a centre near the origin would be near everything and draw huge lists
         made.train(sample(embeddings, max(TRAIN_PER_LIST * ivf.nlist, 256 * TRAIN_PER_LIST)))  # PQ: 256 each
     return made
 
@@ -113,7 +114,7 @@ def load(folder, manifest):
 def set_nprobe(faiss, made, nprobe):
     """Inverted lists visited per query; an HNSW coarse quantiser searches twice as many list centres for them."""
     faiss.ParameterSpace().set_index_parameter(made, "nprobe", nprobe)
-    if isinstance(faiss.extract_index_ivf(made).quantizer, faiss.IndexHNSW):
+    if isinstance(faiss.downcast_index(faiss.extract_index_ivf(made).quantizer), faiss.IndexHNSW):
         faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", max(QUANTIZER_EF, 2 * nprobe))
 
 
