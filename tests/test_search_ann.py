@@ -4,6 +4,7 @@ FAISS installed. Small generated archives and clustered vectors: seconds."""
 import json
 import os
 import re
+import subprocess
 import sys
 
 import faiss
@@ -14,6 +15,7 @@ import torch
 import retrieve
 from benchmarks.bench_ann import exact_top, generate, near_queries
 from search import ann, store
+from helpers import REPO
 from test_retrieve import assert_same, brute_force, clip, index, noise_images, run  # noqa: F401 (clip: a fixture)
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
@@ -163,3 +165,13 @@ def test_an_update_keeps_the_training_until_the_archive_has_grown_fourfold(clust
     ann.build(str(tmp_path), retrained, embeddings[:16_000], grown["ann"])
     assert retrained["ann"]["trained_on"] == 16_000
     assert not np.array_equal(centroids(retrained["ann"]), centroids(first["ann"]))
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_measures_against_brute_force(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_ann", "--rows", "3000", "--dim", "32", "--clusters",
+                           "16", "--queries", "20", "--folder", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert measured["recall@10"] >= 0.95 and measured["rss_anon"].endswith("kB")
