@@ -27,14 +27,16 @@ SERVE = """
 import json, sys, time
 import numpy as np, torch, faiss
 from search import ann
-folder, nprobes = sys.argv[1], json.loads(sys.argv[2])
+folder, nprobes, candidates = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 manifest = json.load(open(folder + "/manifest.json"))
 embeddings = np.load(folder + "/" + manifest["embeddings"], mmap_mode="r")
 made = ann.load(folder, manifest)
 queries, truth = np.load(folder + "/queries.npy"), np.load(folder + "/truth.npy")
-for nprobe in nprobes or [None]:
+for nprobe, ann.MIN_CANDIDATES in [(n, c) for n in nprobes + [None] for c in candidates or [ann.MIN_CANDIDATES]]:
     if nprobe:
         ann.set_nprobe(faiss, made, nprobe)
+    else:
+        made = ann.load(folder, manifest)  # its own nprobe
     ann.top_k(made, embeddings, torch.from_numpy(queries[0]), 10)  # warm-up
     hits, times = 0, []
     for query, best in zip(queries, truth):
@@ -43,7 +45,8 @@ for nprobe in nprobes or [None]:
         times.append(time.perf_counter() - started)
         hits += len(set(rows) & set(best.tolist()))
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-    print(json.dumps({"nprobe": nprobe or "default", "recall@10": hits / truth.size,
+    reranked = max(ann.MIN_CANDIDATES, 10 * ann.CANDIDATES_PER_RESULT)
+    print(json.dumps({"nprobe": nprobe or "default", "candidates": reranked, "recall@10": hits / truth.size,
                       "median_ms": 1000 * float(np.median(times)), "p99_ms": 1000 * float(np.quantile(times, .99)),
                       "rss": status["VmRSS"].strip(), "rss_anon": status["RssAnon"].strip(),
                       "rss_file": status["RssFile"].strip()}), flush=True)
@@ -102,6 +105,8 @@ def main():
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--memory", type=float, help="GB for the approximate index [ann.DEFAULT_MEMORY]")
     p.add_argument("--nprobe", type=int, nargs="*", default=[], help="also measure at these nprobe")
+    p.add_argument("--candidates", type=int, nargs="*", default=[], help="also measure re-ranking these many")
+    p.add_argument("--reuse", action="store_true", help="measure the index a previous run built in --folder")
     p.add_argument("--folder", default="/tmp/bench-ann", help="where the embeddings and the index are written")
     args = p.parse_args()
     folder = os.path.join(args.folder, str(args.rows))
@@ -114,13 +119,20 @@ def main():
         generate(path + ".tmp.npy", args.rows, args.dim, args.clusters)
         os.replace(path + ".tmp.npy", path)
         print(f"generated in {time.time() - started:.0f} s", flush=True)
-    embeddings = np.load(path, mmap_mode="r")
+    if not (args.reuse and os.path.exists(os.path.join(folder, "truth.npy"))):
+        build_and_truth(folder, np.load(path, mmap_mode="r"), args)
+    subprocess.run([sys.executable, "-c", SERVE, folder, json.dumps(args.nprobe), json.dumps(args.candidates)],
+                   check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_and_truth(folder, embeddings, args):
+    """The approximate index as retrieve.py index --ann builds it, and the exact top-10 of the queries."""
     manifest = {"generation": 1, "embeddings": "embeddings-1.npy"}
     started = time.time()
     ann.build(folder, manifest, embeddings, None, args.memory and int(args.memory * 2 ** 30))
     size = os.path.getsize(os.path.join(folder, manifest["ann"]["file"]))
     print(f"built {manifest['ann']['type']} in {time.time() - started:.0f} s; {size / 2 ** 20:.0f} MiB on disk "
-          f"(the embeddings: {os.path.getsize(path) / 2 ** 20:.0f} MiB)", flush=True)
+          f"(the embeddings: {embeddings.nbytes / 2 ** 20:.0f} MiB)", flush=True)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     queries = near_queries(embeddings, args.queries)
@@ -128,8 +140,6 @@ def main():
     np.save(os.path.join(folder, "truth.npy"), exact_top(embeddings, queries, 10))
     np.save(os.path.join(folder, "queries.npy"), queries)
     print(f"exact top-10 of {args.queries} queries by brute force in {time.time() - started:.0f} s", flush=True)
-    subprocess.run([sys.executable, "-c", SERVE, folder, json.dumps(args.nprobe)], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 if __name__ == "__main__":
