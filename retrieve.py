@@ -137,12 +137,12 @@ def encode_files(model, paths, found, tile, folder, device, amp, workers):
 
 def index(args, device, amp):
     """Bring the index in args.index up to date with args.source; the counts of files."""
+    approximate = args.ann or bool((store.read_manifest(args.index) or {}).get("ann"))  # once --ann, always
+    if approximate:
+        ann.import_faiss("--ann")  # refused before anything is made or encoded
     os.makedirs(args.index, exist_ok=True)
     current = store.read_manifest(args.index)
     old = None if args.rebuild else current
-    approximate = args.ann or bool((current or {}).get("ann"))  # an index made with --ann stays approximate
-    if approximate:
-        ann.import_faiss("--ann")  # refused before anything is encoded
     record, state = model_record(args)
     tile = args.tile if args.tile is not None else (old or {}).get("tile")
     if old:

@@ -95,7 +95,7 @@ def test_without_faiss_the_commands_say_how_to_get_it(clip, tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
     with pytest.raises(SystemExit, match="pip install -r requirements-ann.txt"):
         index(capsys, tmp_path / "archive", tmp_path / "new-idx", clip[0], "--ann")
-    assert not os.path.exists(tmp_path / "new-idx" / "manifest.json")
+    assert not os.path.exists(tmp_path / "new-idx")
     retrieve.main(["search", str(tmp_path / "idx"), "a bridge", "--top", "4", "--json"])
     out, err = capsys.readouterr()
     assert json.loads(out)["approximate"] is False
