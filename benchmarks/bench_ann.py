@@ -76,10 +76,10 @@ def generate(path, rows, dim, clusters, rank=16, step=65536, seed=0):
     out.flush()
 
 
-def near_queries(embeddings, count, seed=1):
-    """Stored rows moved off the data by noise about a fifth of their own length, normalised."""
+def near_queries(embeddings, count, noise=0.2, seed=1):
+    """Stored rows moved off the data by isotropic noise of length about `noise` (theirs: 1), normalised."""
     queries = ann.sample(embeddings, count, seed)
-    queries += 0.2 * np.random.default_rng(seed).standard_normal(queries.shape).astype(np.float32) / np.sqrt(
+    queries += noise * np.random.default_rng(seed).standard_normal(queries.shape).astype(np.float32) / np.sqrt(
         queries.shape[1])
     return queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
@@ -103,6 +103,7 @@ def main():
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=4096)
     p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--noise", type=float, default=0.2, help="how far the queries lie from stored rows (theirs: 1)")
     p.add_argument("--memory", type=float, help="GB for the approximate index [ann.DEFAULT_MEMORY]")
     p.add_argument("--nprobe", type=int, nargs="*", default=[], help="also measure at these nprobe")
     p.add_argument("--candidates", type=int, nargs="*", default=[], help="also measure re-ranking these many")
@@ -119,27 +120,28 @@ def main():
         generate(path + ".tmp.npy", args.rows, args.dim, args.clusters)
         os.replace(path + ".tmp.npy", path)
         print(f"generated in {time.time() - started:.0f} s", flush=True)
-    if not (args.reuse and os.path.exists(os.path.join(folder, "truth.npy"))):
-        build_and_truth(folder, np.load(path, mmap_mode="r"), args)
+    embeddings = np.load(path, mmap_mode="r")
+    if not (args.reuse and os.path.exists(os.path.join(folder, "manifest.json"))):
+        build(folder, embeddings, args.memory)
+    queries = near_queries(embeddings, args.queries, args.noise)
+    started = time.time()
+    np.save(os.path.join(folder, "truth.npy"), exact_top(embeddings, queries, 10))
+    np.save(os.path.join(folder, "queries.npy"), queries)
+    print(f"exact top-10 of {args.queries} queries by brute force in {time.time() - started:.0f} s", flush=True)
     subprocess.run([sys.executable, "-c", SERVE, folder, json.dumps(args.nprobe), json.dumps(args.candidates)],
                    check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build_and_truth(folder, embeddings, args):
-    """The approximate index as retrieve.py index --ann builds it, and the exact top-10 of the queries."""
+def build(folder, embeddings, memory):
+    """The approximate index as retrieve.py index --ann builds it, and a manifest naming it."""
     manifest = {"generation": 1, "embeddings": "embeddings-1.npy"}
     started = time.time()
-    ann.build(folder, manifest, embeddings, None, args.memory and int(args.memory * 2 ** 30))
+    ann.build(folder, manifest, embeddings, None, memory and int(memory * 2 ** 30))
     size = os.path.getsize(os.path.join(folder, manifest["ann"]["file"]))
     print(f"built {manifest['ann']['type']} in {time.time() - started:.0f} s; {size / 2 ** 20:.0f} MiB on disk "
           f"(the embeddings: {embeddings.nbytes / 2 ** 20:.0f} MiB)", flush=True)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    queries = near_queries(embeddings, args.queries)
-    started = time.time()
-    np.save(os.path.join(folder, "truth.npy"), exact_top(embeddings, queries, 10))
-    np.save(os.path.join(folder, "queries.npy"), queries)
-    print(f"exact top-10 of {args.queries} queries by brute force in {time.time() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
