@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import clip_min
 import data
-from search import exact, server, store
+from search import ann, exact, server, store
 from support import runtime
 
 BATCH = 32  # images per forward pass
@@ -203,6 +203,9 @@ def update_index(args, device, amp):
     unless this is a shard, the join."""
     if os.path.isfile(args.index):
         raise ValueError(f"{args.index} is a file: the index DIR is a folder (made if missing)")
+    approximate = args.ann or bool((store.read_manifest(args.index) or {}).get("ann"))  # once --ann, always
+    if approximate:
+        ann.import_faiss("--ann")  # refused before anything is made or encoded
     current = store.read_manifest(args.index)
     old = None if args.rebuild else current
     record, state = model_record(args)
@@ -239,18 +242,21 @@ def update_index(args, device, amp):
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
                 "embeddings": f"embeddings-{generation}.npy"}
-    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted))
+    build_ann = (lambda made, rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory)) if (
+        approximate) else None
+    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), build_ann)
     return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
             "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
             "entries": len(manifest["entries"])}
 
 
-def write_joined(folder, manifest, old, kept, scanned, chunks):
+def write_joined(folder, manifest, old, kept, scanned, chunks, build_ann=None):
     """The new index: the old one's entries of unchanged files, then the pending chunks' in the order of the scan,
     whichever runs, shards and chunks encoded them."""
     old_parts = store.kept_rows(old, store.load_index(folder)[1], kept) if kept else []
     position = {p: i for i, p in enumerate(scanned)}
-    store.write_index(folder, manifest, [*old_parts, store.pending_in_order(list(chunks), position, manifest["dim"])])
+    store.write_index(folder, manifest, [*old_parts, store.pending_in_order(list(chunks), position, manifest["dim"])],
+                      build_ann)
 
 
 def run_shard_processes(args, shard):
@@ -287,13 +293,17 @@ def visible_devices():
     return named.split(",") if named else [str(d) for d in range(torch.cuda.device_count())]
 
 
-def results(manifest, embeddings, query, k, label, scan=None):
-    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves); `scan(query,
-    k)` finds them if given (the server's gathers concurrent queries into one pass)."""
-    scores, rows = scan(query, k) if scan else exact.top_k(embeddings, query, k, norm=1.0)  # the rows are unit vectors
+def results(manifest, embeddings, query, k, label, scan=None, approximate=None):
+    """The CLI's JSON: the query and its k best entries (id: the entry's row, which /image/ID serves): from the
+    approximate index when one is given, else by `scan(query, k)` if given (the server's gathers concurrent queries
+    into one pass), else by the exact scan."""
+    if approximate:
+        scores, rows = ann.top_k(approximate, embeddings, query, k)
+    else:
+        scores, rows = scan(query, k) if scan else exact.top_k(embeddings, query, k, norm=1.0)  # unit rows
     found = [{"id": r, "path": manifest["entries"][r][0], "score": round(s, 4), "tile": manifest["entries"][r][1]}
              for s, r in zip(scores, rows)]
-    return {"query": label, "results": found}
+    return {"query": label, "results": found, "approximate": approximate is not None}
 
 
 def embed_file(model, image, device, amp):
@@ -332,19 +342,23 @@ def search(args, device, amp):
     if (args.query is None) == (args.image is None):
         raise ValueError("give a text query or --image PATH (one of them)")
     manifest, embeddings = store.load_index(args.index)
+    approximate = None if args.exact else ann.load(args.index, manifest)
     model = load_model(manifest["model"], device, amp)
     query = embed_text(model, args.query, device, amp) if args.query is not None else embed_file(
         model, args.image, device, amp)
-    found = results(manifest, embeddings, query, args.top, args.query if args.query is not None else args.image)
+    found = results(manifest, embeddings, query, args.top, args.query if args.query is not None else args.image,
+                    approximate=approximate)
     if args.gallery:
         draw_gallery(found, args.gallery, args.image)
         print(f"wrote {args.gallery}")
     return found
 
 
-def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
-    """A ThreadingHTTPServer for the index in `folder`, its model and embeddings loaded once."""
+def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD, exact_only=False):
+    """A ThreadingHTTPServer for the index in `folder`, its model and embeddings (and approximate index) loaded
+    once."""
     manifest, embeddings = store.load_index(folder)
+    approximate = None if exact_only else ann.load(folder, manifest)
     model, lock = load_model(manifest["model"], device, amp), threading.Lock()
     scan = exact.gathering(embeddings, norm=1.0)  # the index stores unit rows
 
@@ -370,7 +384,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
                 vector, label = embed_text(model, text, device, amp), text
         else:
             return 400, {"error": "give a query: q=TEXT, id=N or an image as the POST body"}
-        return 200, results(manifest, embeddings, vector, int(k), label, scan)
+        return 200, results(manifest, embeddings, vector, int(k), label, scan, approximate)
 
     def jpeg(row):
         try:
@@ -387,7 +401,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD):
 
 def serve(args, device, amp):
     try:
-        httpd = make_server(args.index, args.host, args.port, device, amp)
+        httpd = make_server(args.index, args.host, args.port, device, amp, exact_only=args.exact)
     except OSError as e:  # the address only: a missing index is said as it is
         if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             hint = "another server holds it: pass another --port, or --port 0 for any free one" if (
@@ -439,9 +453,20 @@ def parse_args(argv=None):
         verb.add_argument("--amp", choices=["bf16", "fp16", "off"], help="[bf16 where the hardware computes it]")
     for verb in (make, find):
         verb.add_argument("--json", action="store_true", help="print the result as JSON")
+    make.add_argument("--ann", action="store_true", help="also build an approximate FAISS index (kept up to date "
+                      "by later runs; needs requirements-ann.txt)")
+    make.add_argument("--memory", type=float, metavar="GB", help="memory the approximate index may take [4; the "
+                      "index's]")
+    for verb in (find, web):
+        verb.add_argument("--exact", action="store_true", help="score every entry even if there is an approximate "
+                          "index")
     args = p.parse_args(argv)
     if usage_error(args):
         p.error(usage_error(args))
+    if args.verb == "index" and args.memory is not None:
+        if args.memory <= 0:
+            p.error(f"--memory must be positive, got {args.memory}")
+        args.memory = int(args.memory * 2 ** 30)
     if args.verb == "index" and args.shard is None:
         args.shard = torchrun_shard(p)
     return args

@@ -102,9 +102,10 @@ def kept_rows(manifest, embeddings, kept, step=65536):
         yield [manifest["entries"][r] for r in rows[i:i + step]], embeddings[rows[i:i + step]]
 
 
-def write_index(folder, manifest, parts):
-    """The embeddings file first, then the manifest naming it replaces the old one in one os.replace: a reader sees
-    the old index or the new one, never a mix. Files no manifest names any more are removed last."""
+def write_index(folder, manifest, parts, before_manifest=None):
+    """The embeddings file first (then before_manifest(manifest, embeddings) writes what else the manifest will
+    name), then the manifest naming it replaces the old one in one os.replace: a reader sees the old index or the
+    new one, never a mix. Files no manifest names any more are removed last."""
     parts = list(parts)
     rows = sum(len(e) for _, e in parts)
     path = os.path.join(folder, manifest["embeddings"])
@@ -117,10 +118,13 @@ def write_index(folder, manifest, parts):
     out.flush()
     del out
     os.replace(path + ".tmp", path)
+    if before_manifest:
+        before_manifest(manifest, np.load(path, mmap_mode="r"))
     write_atomically(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
     shutil.rmtree(os.path.join(folder, PENDING), ignore_errors=True)
+    named = {manifest["embeddings"], (manifest.get("ann") or {}).get("file")}
     for name in os.listdir(folder):
-        if name.startswith("embeddings-") and name != manifest["embeddings"]:
+        if name.startswith(("embeddings-", "ann-")) and name not in named:
             os.remove(os.path.join(folder, name))
 
 
