@@ -61,6 +61,7 @@ def test_useful_flops_match_a_flop_counter():
     assert bench.useful_flops(demo.MINI_CLIP, 3, 3, tokens.shape[1], backward=False) == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_main_prints_json(capsys):
     report = bench.main(["--json", "--tiny", "--device", "cpu", "--batch-sizes", "4", "--warmup", "0", "--iters", "1",
                          "--test-images", "2", "--rounds", "3"])
@@ -86,6 +87,7 @@ def test_main_prints_json(capsys):
     assert printed["input"]["decode_images_per_s"] > 0 and printed["input"]["batch_images_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", [dict(method="no-such-method"), dict(compile="no-such-mode")])
 def test_a_dying_worker_stops_the_run_with_a_message(failure):
     """Both workers die (an unknown method), or only the last one (an unknown compile mode): no hang either way."""
@@ -95,6 +97,7 @@ def test_a_dying_worker_stops_the_run_with_a_message(failure):
         bench.run(("released", "ours"), opts, 4)
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """DRY_RUN=1 runs the GPU check's commands on the CPU with a tiny CLIP: every section exits 0 and prints its
     numbers, and its log lands in $OUT."""
@@ -116,6 +119,7 @@ def test_gpu_check_dry_run(tmp_path):
             assert os.path.isfile(tmp_path / f"run-{section[-4:]}" / "last.pt")
 
 
+@pytest.mark.slow
 def test_profile_shares_add_up():
     report = bench.main(["--profile", "--tiny", "--device", "cpu", "--amp", "bf16", "--batch-sizes", "4",
                          "--test-images", "2", "--json"])

@@ -68,6 +68,7 @@ def max_diff(ours, theirs):
 # One file format per model, to save time: both formats and both activations are covered.
 @pytest.mark.parametrize("name, activation, file_format", [("ViT-B-32", "gelu", "state_dict"),
                                                            ("ViT-B-32-quickgelu", "quick_gelu", "training")])
+@pytest.mark.slow
 def test_open_clip_checkpoints(name, activation, file_format, tmp_path, capfd):
     reference = perturb(open_clip.create_model(name, pretrained=None))
     expected = embeddings(reference, 224)
@@ -148,6 +149,7 @@ def save_hugging_face(model, root):
     return root / "st", root / "bin"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation, small", [("quick_gelu", False), ("gelu", True)], ids=["ViT-B-32", "small-gelu"])
 def test_hugging_face_clip(activation, small, tmp_path, capfd):
     reference = hugging_face_clip(activation, small)
@@ -332,6 +334,7 @@ def write_released_training_checkpoint(path, marker):
     return baseline, openai
 
 
+@pytest.mark.slow
 def test_official_checkpoint_reproduces_the_released_forward(tmp_path, monkeypatch, capsys):
     path, marker = tmp_path / "model_best.pth.tar", tmp_path / "marker"
     baseline, openai = write_released_training_checkpoint(path, marker)

@@ -495,6 +495,7 @@ def wait_for_step(proc, out):
     raise AssertionError(f"no training step logged: {proc.communicate()[1][-2000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_and_says_the_resume_command(world, tmp_path, signum):
     """SIGTERM (a scheduler) or Ctrl-C before any save: the step ends, last.pt is saved there, the exit status is
@@ -537,6 +538,7 @@ def test_a_second_signal_stops_at_once():
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_is_refused_and_a_dead_holder_taken_over(world, tmp_path, capsys):
     """One process at a time in a run folder: a second one is refused with the holder's pid; a lock left by a
     killed process (its flock gone with it) is taken over."""

@@ -245,6 +245,7 @@ def distributed_worker(rank, store):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_loss_and_ddp_gradients_equal_single_process(tmp_path):
     # A file store, not a TCP port: a port found free can be taken by another program before the workers bind it.
     mp.spawn(distributed_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)

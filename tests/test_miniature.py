@@ -41,6 +41,7 @@ def test_committed_checkpoint_retrieves_its_domain(tmp_path):
     assert metrics.retrieval_metrics(similarity)["mR"] > max(60, 4 * chance)
 
 
+@pytest.mark.slow
 def test_tiny_pretrain_writes_an_archive_that_loads_back(tmp_path):
     def run(out):
         return miniature.pretrain(out=out, steps=3, batch_size=4, n_train=8, n_test=2, root=tmp_path, log_every=1)

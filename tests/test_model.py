@@ -15,6 +15,7 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [VIT_B_32, SMALL], ids=["ViT-B-32", "small-p16"])
 @pytest.mark.parametrize("file_format", ["openai-torchscript", "state-dict"])
 def test_outputs_match_reference(shape, file_format, tmp_path):

@@ -30,6 +30,7 @@ def test_the_capability_query_asks_torch(monkeypatch):
         assert runtime.cpu_has_native_bf16() == (avx512_bf16 or amx)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_embeddings_stay_close_to_fp32():
     """ViT-B/32 with random weights: bf16 autocast moves no image or caption embedding below cosine 0.999."""
     torch.manual_seed(0)
@@ -47,6 +48,7 @@ def test_bf16_autocast_embeddings_stay_close_to_fp32():
         assert F.cosine_similarity(a, b.float(), dim=-1).min() >= 0.999
 
 
+@pytest.mark.slow
 def test_bf16_training_step_follows_the_fp32_gradient():
     """ViT-B/32 with random weights, the bf16 CPU training path as train.py runs it (frozen weights stored in bf16,
     attention in bf16, the fused QuickGELU backward): every trainable tensor's update points where fp32's does.

@@ -20,6 +20,7 @@ from helpers import REPO, initial_trainable, max_change, read_metrics, run, trai
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 
 
+@pytest.mark.slow
 def test_training_pairs_each_caption_with_its_own_image(tmp_path):
     """One epoch from the bundled mini CLIP on overhead scenes lifts the test mR well above zero-shot (by 10 to 12
     points over seeds; captions trained with their neighbour's image drag it below, to 14 from 32)."""
@@ -183,6 +184,7 @@ def test_fp16_run_scales_its_loss(world, tmp_path):
     assert max_change(state["trainable"], start) > 1e-4
 
 
+@pytest.mark.slow
 def test_compiled_run_trains(world, tmp_path, monkeypatch):
     """--compile through train.py: the training steps run through torch.compile with the mode asked for. The backend
     is swapped for AOTAutograd without Inductor's code generation (slow to compile):

@@ -298,6 +298,7 @@ def browse(url, profile, screenshot=None, size="1100,700"):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     done = subprocess.run([sys.executable, os.path.join(REPO, "retrieve.py"), "search", str(tmp_path / "nowhere"),
                            "a river"], capture_output=True, text=True, timeout=120, cwd=tmp_path)

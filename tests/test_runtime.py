@@ -12,6 +12,7 @@ from support import demo, runtime
 from helpers import MICRO
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc's allocator, Linux only")
 def test_freed_memory_is_reused_without_page_faults():
     """After keep_freed_memory, a large tensor freed and allocated again costs no page faults (before: one per page)."""

@@ -104,6 +104,7 @@ def test_released_layout_gives_ours_the_papers_and_the_difference(world, tmp_pat
     assert not os.path.exists(out / "rsitmd" / "mrs-hmmc-s2" / "last.pt")  # a finished cell keeps no resume state
 
 
+@pytest.mark.slow
 def test_a_killed_table_continues_to_the_same_table(world, tmp_path, monkeypatch, capsys):
     extra = ("--seeds", "0", "1")
     straight, broken = tmp_path / "straight", tmp_path / "broken"

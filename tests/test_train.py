@@ -226,6 +226,7 @@ def test_mask_same_image_changes_training(world, tmp_path):
     # Full fine-tuning with a hinge loss: CLIP's temperature trains but gets no gradient, which DDP must allow.
     ("--method", "full", "--loss", "vse_sum", "--batch-size", "16", "--lr", "1e-3"),
 ], ids=["linear-infonce", "full-vse_sum"])
+@pytest.mark.slow
 def test_two_processes_equal_one(world, tmp_path, monkeypatch, extra):
     """DDP on CPU (gloo): two processes with half the batch each take the steps one process takes.
 
@@ -345,6 +346,7 @@ def test_a_run_stopped_before_its_first_save_leaves_nothing(world, tmp_path, mon
     assert (out / "test.json").exists()
 
 
+@pytest.mark.slow
 def test_compiled_encoder_matches_eager():
     """--compile is output-preserving: the same four embeddings and the same adapter gradients as eager PyTorch
     (eval mode, so that no dropout draws random numbers, which compiled code draws differently)."""
@@ -367,6 +369,7 @@ def test_compiled_encoder_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(world, tmp_path):
     """Ctrl-C (SIGINT) during training, after mid-epoch saves: exit status 130, the command that continues, and last.pt
     saved at the step the run stopped (tests/test_errors.py: the same before any save, and SIGTERM)."""
@@ -388,6 +391,7 @@ def test_ctrl_c_says_how_to_resume(world, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["step"] == step >= 1
 
 
+@pytest.mark.slow
 def test_two_processes_resume_exactly(world, tmp_path):
     """DDP (gloo), MRS-Adapter + HMMC (dropout matters): interrupted mid-epoch and resumed with torchrun, each process
     continues its own dropout stream, so the run ends with the weights of an uninterrupted two-process run."""
@@ -419,6 +423,7 @@ def test_two_processes_resume_exactly(world, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_two_processes_zeroshot(world, tmp_path):
     """Zero-shot trains nothing, so nothing is wrapped in DDP (which refuses such a module); the result is the
     single process's, and only one process prints (here: the repair of an empty caption, once)."""
@@ -439,6 +444,7 @@ def test_two_processes_zeroshot(world, tmp_path):
                                           ("evaluate.py", ["--method", "zeroshot", "--dataset", "nowhere"]),
                                           ("table.py", ["--datasets", "demo", "--methods", "zeroshot", "--clip",
                                                         "nowhere.pt"])])
+@pytest.mark.slow
 def test_a_missing_file_ends_the_command_with_one_line(script, argv, tmp_path):
     """The command lines say what is missing in one line (exit status 1), without a traceback."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
