@@ -203,10 +203,10 @@ def update_index(args, device, amp):
     unless this is a shard, the join."""
     if os.path.isfile(args.index):
         raise ValueError(f"{args.index} is a file: the index DIR is a folder (made if missing)")
-    approximate = args.ann or bool((store.read_manifest(args.index) or {}).get("ann"))  # once --ann, always
+    current = store.read_manifest(args.index, damaged_ok=args.rebuild)
+    approximate = args.ann or bool((current or {}).get("ann"))  # once --ann, always
     if approximate:
         ann.import_faiss("--ann")  # refused before anything is made or encoded
-    current = store.read_manifest(args.index)
     old = None if args.rebuild else current
     record, state = model_record(args)
     tile = args.tile if args.tile is not None else (old or {}).get("tile")

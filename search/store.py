@@ -29,12 +29,18 @@ def write_atomically(path, write):
     os.replace(path + ".tmp", path)
 
 
-def read_manifest(folder):
+def read_manifest(folder, damaged_ok=False):
+    """The index's manifest; None where there is none (or, with damaged_ok, an unreadable one: a rebuild)."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if damaged_ok:
+            return None
+        raise ValueError(f"{path} is damaged ({e}): index again with --rebuild") from None
 
 
 def pending_folder(index_dir, key, only=False):
@@ -132,7 +138,10 @@ def load_index(folder):
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(f"no index in {folder} (make one: python retrieve.py index {folder} SOURCE)")
-    return manifest, np.load(os.path.join(folder, manifest["embeddings"]), mmap_mode="r")
+    path = os.path.join(folder, manifest["embeddings"])
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}, named by {folder}/{MANIFEST}, is missing: index again with --rebuild")
+    return manifest, np.load(path, mmap_mode="r")
 
 
 def scan(source, data_root, index_dir):

@@ -93,8 +93,10 @@ def same_backbone(record, clip, dataset, seed):
 def read_run_checkpoint(path):
     """A best.pt or last.pt written by train.py: the trained tensors, the method and its options, the run's
     arguments. Another kind of file is refused with the option that reads it."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
-        raise FileNotFoundError(f"{path} is a run folder: pass its checkpoint, {os.path.join(path, 'best.pt')}")
+    if os.path.isdir(path):
+        inside = os.path.join(path, "best.pt")
+        raise FileNotFoundError(f"{path} is a run folder: pass its checkpoint, {inside}" if os.path.isfile(inside)
+                                else f"{path} is a folder, not a checkpoint: pass a best.pt/last.pt written by train.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

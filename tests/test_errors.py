@@ -69,6 +69,10 @@ def write_index(world, root):
     for k in range(2):
         Image.fromarray(np.full((24, 30, 3), 100 * k, np.uint8)).save(root / "photos" / f"{k}.png")
     retrieve.main(index_args(SimpleNamespace(**vars(world), tmp=root), "idx"))
+    shutil.copytree(root / "idx", root / "damaged-idx")
+    (root / "damaged-idx" / "manifest.json").write_text('{"format": 1, "generation"')  # cut short
+    shutil.copytree(root / "idx", root / "emptied-idx")
+    os.remove(root / "emptied-idx" / "embeddings-1.npy")
 
 
 def index_args(world, folder, source="photos", *extra):
@@ -283,6 +287,19 @@ BAD_INPUTS = {
     "index-shard-out-of-range": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--shard", "3/3"),
                                     2, r"error: argument --shard: I/N with 0 <= I < N .*got '3/3'$",
                                     absent=["new-idx"]),
+    "index-checkpoint-is-a-folder": row("retrieve.py", lambda w: [*index_args(w, "new-idx"), "--checkpoint",
+                                                                  str(w.tmp / "photos")], 1,
+                                        r"^error: .*photos is a folder, not a checkpoint: pass a best.pt/last.pt "
+                                        r"written by train.py$", absent=["new-idx"]),
+    "index-damaged-manifest": row("retrieve.py", lambda w: index_args(w, "damaged-idx"), 1,
+                                  r"^error: .*damaged-idx/manifest.json is damaged \(.*\): index again with "
+                                  r"--rebuild$", ["damaged-idx/manifest.json", "damaged-idx/embeddings-1.npy"]),
+    "search-damaged-manifest": row("retrieve.py", lambda w: ["search", str(w.tmp / "damaged-idx"), "a lake"], 1,
+                                   r"^error: .*damaged-idx/manifest.json is damaged \(.*\): index again with "
+                                   r"--rebuild$", ["damaged-idx/manifest.json"]),
+    "search-embeddings-missing": row("retrieve.py", lambda w: ["search", str(w.tmp / "emptied-idx"), "a lake"], 1,
+                                     r"^error: .*emptied-idx/embeddings-1.npy, named by .*emptied-idx/manifest.json, "
+                                     r"is missing: index again with --rebuild$", ["emptied-idx/manifest.json"]),
     "index-processes-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--processes", "0"), 2,
                                 r"error: --processes must be at least 1, got 0$", absent=["new-idx"]),
     "index-workers-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--workers", "0"), 2,
@@ -380,6 +397,14 @@ def test_a_bad_input_ends_in_one_line(world, name, capsys, monkeypatch, request)
     assert sum("error: " in s for s in said) == 1, said
     assert after == before and all(before.values())
     assert not [f for f in case.absent if os.path.exists(world.tmp / f)]
+
+
+def test_a_damaged_index_is_rebuilt(world, tmp_path):
+    """The command the refusal names works: --rebuild replaces a manifest that cannot be read."""
+    shutil.copytree(world.tmp / "damaged-idx", tmp_path / "idx")
+    retrieve.main(index_args(SimpleNamespace(**vars(world)), tmp_path / "idx", "photos", "--rebuild"))
+    manifest, embeddings = retrieve.store.load_index(tmp_path / "idx")
+    assert len(manifest["files"]) == len(embeddings) == 2
 
 
 @pytest.mark.slow
