@@ -282,7 +282,8 @@ def run_cells(cells):
         if cell.state == "done":
             continue
         label, measured = f"cell {i}/{len(cells)} {cell.dataset} {cell.method}-{cell.loss} s{cell.seed}", bool(rates)
-        say(f"{label}: {begin(cell)}; {left(cell, cells, rates)}; log in {os.path.join(cell.out, 'log.txt')}")
+        log = os.path.join(cell.out, "log.txt")
+        say(f"{label}: {begin(cell)}; {left(cell, cells, rates)}; log in {log}")
         os.makedirs(cell.out, exist_ok=True)
         with open(os.path.join(cell.out, "cell.json"), "w") as f:
             json.dump(cell.settings, f, indent=1)
@@ -290,8 +291,13 @@ def run_cells(cells):
         watcher = threading.Thread(target=watch, args=(cell, cells, rates, label, say, stop), daemon=True)
         watcher.start()
         try:
-            with open(os.path.join(cell.out, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
+            with open(log, "a") as f, contextlib.redirect_stdout(f):
                 train.main(cell.argv + (["--resume"] if resume else ["--overwrite"]))  # checked by check()
+        except runtime.CommandError as e:  # its train.py advice would retrain this cell alone with other settings
+            reason, _, advice = str(e.code).partition(" Try ")
+            raise runtime.CommandError(f"{label} failed: {reason} Its log: {log}. Finished cells are kept" + (
+                f"; a smaller --lr (now {cell.base_lr:g}) or a --grad-clip changes every cell's settings: pass it "
+                "with another --out" if advice else ""), e.status) from None
         except KeyboardInterrupt as e:  # said with the table's command by main, not the cell's train.py command
             cell.state = "resume" if os.path.isfile(os.path.join(cell.out, "last.pt")) else "start"
             saved = f"{progress(cell)[0]:,} of {cell.pairs:,} pairs saved" if cell.state == "resume" else \

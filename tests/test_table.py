@@ -191,6 +191,23 @@ def test_a_stopped_table_says_its_own_command_and_what_was_saved(world, tmp_path
     assert "cell 1/1 demo_natural mrs-hmmc s2: resuming: 104 of 160 pairs trained, 56 to go" in capsys.readouterr().out
 
 
+def test_a_failed_cell_says_the_table_way_on(world, tmp_path, monkeypatch):
+    """A cell whose loss turns nan: the table stops naming the cell and its log, never the cell's own train.py
+    command (a smaller lr in one cell's folder would mix settings); the same table command retries the cell."""
+    import losses
+    real = losses.compute
+    monkeypatch.setattr(losses, "compute", lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(
+        *real(*a, **k)))
+    with pytest.raises(SystemExit) as failed:
+        command(world, tmp_path, "--methods", "mrs")
+    said = str(failed.value.code)
+    assert said.startswith(f"cell 1/1 {world.name} mrs-hmmc s2 failed: the loss is not finite at epoch 1, step 1")
+    assert "python train.py" not in said and said.endswith("changes every cell's settings: pass it with another --out")
+    assert os.path.isfile(said.split("Its log: ")[1].split(". ")[0])
+    monkeypatch.setattr(losses, "compute", real)
+    assert [row["method"] for row in command(world, tmp_path, "--methods", "mrs")] == ["mrs"]
+
+
 def test_a_zero_shot_cell_ignores_what_only_training_reads(world, tmp_path, monkeypatch):
     """A zero-shot cell trains nothing: other epochs, lr, batch size or margin leave it done; another precision,
     which its scores depend on, is refused."""
