@@ -30,18 +30,18 @@ from search import ann
 folder, nprobes, candidates = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 manifest = json.load(open(folder + "/manifest.json"))
 embeddings = np.load(folder + "/" + manifest["embeddings"], mmap_mode="r")
-made = ann.load(folder, manifest)
+approximate = ann.load(folder, manifest)
 queries, truth = np.load(folder + "/queries.npy"), np.load(folder + "/truth.npy")
 for nprobe, ann.MIN_CANDIDATES in [(n, c) for n in nprobes + [None] for c in candidates or [ann.MIN_CANDIDATES]]:
     if nprobe:
-        ann.set_nprobe(faiss, made, nprobe)
+        ann.set_nprobe(faiss, approximate[0], nprobe)
     else:
-        made = ann.load(folder, manifest)  # its own nprobe
-    ann.top_k(made, embeddings, torch.from_numpy(queries[0]), 10)  # warm-up
+        approximate = ann.load(folder, manifest)  # its own nprobe
+    ann.top_k(approximate, embeddings, torch.from_numpy(queries[0]), 10)  # warm-up
     hits, times = 0, []
     for query, best in zip(queries, truth):
         started = time.perf_counter()
-        rows = ann.top_k(made, embeddings, torch.from_numpy(query), 10)[1]
+        rows = ann.top_k(approximate, embeddings, torch.from_numpy(query), 10)[1]
         times.append(time.perf_counter() - started)
         hits += len(set(rows) & set(best.tolist()))
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
