@@ -117,7 +117,7 @@ def build(folder, manifest, embeddings, previous, memory=None, kept=None):
         faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", QUANTIZER_EF)
     if reused and kept is not None and "IVF" in factory:
         ids = update(made, previous_ids(folder, previous, made), np.asarray(kept, np.int64), embeddings)
-    else:  # HNSW32,Flat can neither remove entries nor take ids: it holds under SMALL rows, filled again each time
+    else:  # HNSW32,Flat can neither remove entries nor take ids: chosen under SMALL rows, it is filled again
         ids = np.arange(len(embeddings)) if "IVF" in factory else None
         fill(made, embeddings, ids)
     generation = manifest["generation"]

@@ -97,7 +97,7 @@ def pending_in_order(chunks, position, dim):
 
 def kept_row_numbers(manifest, kept):
     """The rows (increasing) of the old index's entries whose files are in `kept`, the unchanged ones."""
-    return np.array([i for i, (path, _) in enumerate(manifest["entries"]) if path in kept], np.int64)
+    return np.fromiter((i for i, (path, _) in enumerate(manifest["entries"]) if path in kept), np.int64)
 
 
 def kept_rows(manifest, embeddings, rows, step=65536):
