@@ -242,8 +242,8 @@ def update_index(args, device, amp):
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
                 "embeddings": f"embeddings-{generation}.npy"}
-    build_ann = (lambda made, rows, kept_rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory,
-                                                         kept_rows)) if approximate else None
+    build_ann = (lambda made, rows, old_rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory,
+                                                        old_rows)) if approximate else None
     write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), build_ann)
     return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
             "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
