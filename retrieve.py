@@ -242,8 +242,8 @@ def update_index(args, device, amp):
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
                 "embeddings": f"embeddings-{generation}.npy"}
-    build_ann = (lambda made, rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory)) if (
-        approximate) else None
+    build_ann = (lambda made, rows, old_rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory,
+                                                        old_rows)) if approximate else None
     write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), build_ann)
     return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
             "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
@@ -252,11 +252,13 @@ def update_index(args, device, amp):
 
 def write_joined(folder, manifest, old, kept, scanned, chunks, build_ann=None):
     """The new index: the old one's entries of unchanged files, then the pending chunks' in the order of the scan,
-    whichever runs, shards and chunks encoded them."""
-    old_parts = store.kept_rows(old, store.load_index(folder)[1], kept) if kept else []
+    whichever runs, shards and chunks encoded them. build_ann(manifest, embeddings, the old rows kept) writes the
+    approximate index, before the manifest."""
+    rows = store.kept_row_numbers(old, kept) if kept else np.zeros(0, np.int64)
+    old_parts = store.kept_rows(old, store.load_index(folder)[1], rows) if kept else []
     position = {p: i for i, p in enumerate(scanned)}
     store.write_index(folder, manifest, [*old_parts, store.pending_in_order(list(chunks), position, manifest["dim"])],
-                      build_ann)
+                      build_ann and (lambda made, embeddings: build_ann(made, embeddings, rows)))
 
 
 def run_shard_processes(args, shard):

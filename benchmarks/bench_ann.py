@@ -3,6 +3,7 @@ the exact top-10, query latency and the memory of a process serving the index, o
 
     python -m benchmarks.bench_ann --rows 1000000                  # about 1 GB of embeddings under --folder
     python -m benchmarks.bench_ann --rows 10000000 --nprobe 64 128 256
+    python -m benchmarks.bench_ann --rows 1000000 --reuse --update 0.01  # an incremental run against a refill
 
 The embeddings: a mixture of --clusters gaussian clusters on the unit sphere, each spread along a few directions of
 its own (embeddings of real archives lie near low-dimensional pieces, not in uniform noise), fp16 rows written in
@@ -30,18 +31,18 @@ from search import ann
 folder, nprobes, candidates = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 manifest = json.load(open(folder + "/manifest.json"))
 embeddings = np.load(folder + "/" + manifest["embeddings"], mmap_mode="r")
-made = ann.load(folder, manifest)
+approximate = ann.load(folder, manifest)
 queries, truth = np.load(folder + "/queries.npy"), np.load(folder + "/truth.npy")
 for nprobe, ann.MIN_CANDIDATES in [(n, c) for n in nprobes + [None] for c in candidates or [ann.MIN_CANDIDATES]]:
     if nprobe:
-        ann.set_nprobe(faiss, made, nprobe)
+        ann.set_nprobe(faiss, approximate[0], nprobe)
     else:
-        made = ann.load(folder, manifest)  # its own nprobe
-    ann.top_k(made, embeddings, torch.from_numpy(queries[0]), 10)  # warm-up
+        approximate = ann.load(folder, manifest)  # its own nprobe
+    ann.top_k(approximate, embeddings, torch.from_numpy(queries[0]), 10)  # warm-up
     hits, times = 0, []
     for query, best in zip(queries, truth):
         started = time.perf_counter()
-        rows = ann.top_k(made, embeddings, torch.from_numpy(query), 10)[1]
+        rows = ann.top_k(approximate, embeddings, torch.from_numpy(query), 10)[1]
         times.append(time.perf_counter() - started)
         hits += len(set(rows) & set(best.tolist()))
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
@@ -109,6 +110,8 @@ def main():
     p.add_argument("--candidates", type=int, nargs="*", default=[], help="also measure re-ranking these many")
     p.add_argument("--reuse", action="store_true", help="measure the index a previous run built in --folder")
     p.add_argument("--folder", default="/tmp/bench-ann", help="where the embeddings and the index are written")
+    p.add_argument("--update", type=float, metavar="FRACTION", help="instead of searching, time an incremental run "
+                   "that drops this fraction of the rows and adds as many, against filling the index again")
     args = p.parse_args()
     folder = os.path.join(args.folder, str(args.rows))
     os.makedirs(folder, exist_ok=True)
@@ -123,6 +126,8 @@ def main():
     embeddings = np.load(path, mmap_mode="r")
     if not (args.reuse and os.path.exists(os.path.join(folder, "manifest.json"))):
         build(folder, embeddings, args.memory)
+    if args.update:
+        return update(folder, embeddings, args.update, args.noise)
     queries = near_queries(embeddings, args.queries, args.noise)
     started = time.time()
     np.save(os.path.join(folder, "truth.npy"), exact_top(embeddings, queries, 10))
@@ -142,6 +147,29 @@ def build(folder, embeddings, memory):
           f"(the embeddings: {embeddings.nbytes / 2 ** 20:.0f} MiB)", flush=True)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f)
+
+
+
+def update(folder, embeddings, fraction, noise, step=65536):
+    """The next generation as retrieve.py index writes it (the kept rows in order, then the new ones: here rows near
+    stored ones), its approximate index updated from the built one, then filled again from its training; the times
+    (each reads the built index and writes the new one)."""
+    with open(os.path.join(folder, "manifest.json")) as f:
+        previous = json.load(f)["ann"]
+    count = int(fraction * len(embeddings))
+    kept = np.sort(np.random.default_rng(2).choice(len(embeddings), len(embeddings) - count, replace=False))
+    new = np.lib.format.open_memmap(os.path.join(folder, "embeddings-2.npy"), "w+", np.float16,
+                                    (len(embeddings), embeddings.shape[1]))
+    for start in range(0, len(kept), step):
+        new[start:min(start + step, len(kept))] = embeddings[kept[start:start + step]]
+    new[len(kept):] = near_queries(embeddings, count, noise, seed=2)
+    new.flush()
+    for label, rows in (("updated (the dropped rows removed, the new ones added)", kept),
+                        ("filled again (every row added)", None)):
+        started = time.time()
+        ann.build(folder, {"generation": 2}, new, previous, kept=rows)
+        print(f"{count} rows dropped and {count} added to {previous['type']} of {len(embeddings)} rows: {label} in "
+              f"{time.time() - started:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Approximate search through FAISS (optional: requirements-ann.txt): an index beside the exact embeddings, chosen by
-the number of entries and a memory budget, trained on a sample, filled in slices, memory-mapped for search; its
-candidates are re-ranked exactly from the stored rows (docs/search.md).
+the number of entries and a memory budget, trained on a sample, filled in slices, then updated by each generation
+(the dropped rows removed, the new ones added), memory-mapped for search; its candidates are re-ranked exactly from
+the stored rows (docs/search.md).
 """
 import os
 import sys
 
 import numpy as np
 import torch
+
+from search import store
 
 INSTALL = "pip install -r requirements-ann.txt"
 SMALL, MEDIUM = 100_000, 1_000_000  # below SMALL: HNSW over the full vectors; below MEDIUM: IVF-Flat; then IVF-PQ
@@ -64,21 +67,47 @@ def trained(faiss, factory, embeddings):
     return made
 
 
-def fill(made, embeddings, step=FILL_ROWS):
-    """Every row added in order (the FAISS id of an entry is its row), a slice at a time."""
+def add_rows(made, embeddings, first, ids, step=FILL_ROWS):
+    """Rows first, first + 1, ... of the embeddings added under FAISS ids `ids` (None: FAISS's own, which count from
+    the entries it holds), a slice at a time."""
+    for start in range(first, len(embeddings), step):
+        block = np.ascontiguousarray(embeddings[start:start + step], dtype=np.float32)
+        if ids is None:
+            made.add(block)
+        else:
+            made.add_with_ids(block, ids[start - first:start - first + len(block)])
+
+
+def fill(made, embeddings, ids):
+    """Every row added in order under `ids` (None: FAISS's own, the rows), whatever the index held."""
     made.reset()
-    for start in range(0, len(embeddings), step):
-        made.add(np.ascontiguousarray(embeddings[start:start + step], dtype=np.float32))
-    return made
+    add_rows(made, embeddings, 0, ids)
 
 
-def build(folder, manifest, embeddings, previous, memory=None):
-    """Write the approximate index of the new generation's embeddings (ann-G.faiss) and name it in the manifest,
-    before the manifest replaces the old one. The previous index's training is kept until the archive has grown
-    RETRAIN_GROWTH-fold since it was trained; then (or without one) the type is chosen anew and trained."""
+def update(made, old_ids, kept, embeddings):
+    """The previous generation's inverted lists brought to the new one without adding its kept rows again: the
+    entries of the rows not kept removed, the rows after the kept ones added under ids above every earlier one (ids
+    then grow with the row, as top_k's look-up needs); the ids of the new generation's rows."""
+    gone = np.ones(len(old_ids), bool)
+    gone[kept] = False
+    if gone.any():
+        made.remove_ids(np.ascontiguousarray(old_ids[gone]))  # one pass over every list: there is no direct map
+    fresh = old_ids.max(initial=-1) + 1 + np.arange(len(embeddings) - len(kept))
+    add_rows(made, embeddings, len(kept), fresh)
+    return np.concatenate([old_ids[kept], fresh])
+
+
+def build(folder, manifest, embeddings, previous, memory=None, kept=None):
+    """Write the approximate index of the new generation's embeddings (ann-G.faiss; with inverted lists, the FAISS
+    id of each row in ann-G.ids.npy) and name it in the manifest, before the manifest replaces the old one. The
+    previous index's training is kept until the archive has grown RETRAIN_GROWTH-fold since it was trained; then
+    (or without one) the type is chosen anew and trained. kept: the previous generation's rows (increasing) that
+    are the first rows of `embeddings`, the others being new: a kept index of inverted lists is then updated, not
+    filled again."""
     faiss = import_faiss("--ann")
     memory = memory or (previous or {}).get("memory") or DEFAULT_MEMORY
-    if previous and len(embeddings) < RETRAIN_GROWTH * previous["trained_on"]:
+    reused = bool(previous) and len(embeddings) < RETRAIN_GROWTH * previous["trained_on"]
+    if reused:
         made = faiss.read_index(os.path.join(folder, previous["file"]))
         factory, trained_on = previous["type"], previous["trained_on"]
     else:
@@ -86,17 +115,34 @@ def build(folder, manifest, embeddings, previous, memory=None):
         made = trained(faiss, factory, embeddings)
     if "IVF" in factory and "HNSW" in factory:  # entries go to their nearest list, not to a near one
         faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", QUANTIZER_EF)
-    record = {"file": f"ann-{manifest['generation']}.faiss", "type": factory, "trained_on": trained_on,
-              "memory": memory}
+    if reused and kept is not None and "IVF" in factory:
+        ids = update(made, previous_ids(folder, previous, made), np.asarray(kept, np.int64), embeddings)
+    else:  # HNSW32,Flat can neither remove entries nor take ids: chosen under SMALL rows, it is filled again
+        ids = np.arange(len(embeddings)) if "IVF" in factory else None
+        fill(made, embeddings, ids)
+    generation = manifest["generation"]
+    record = {"file": f"ann-{generation}.faiss", "ids": None if ids is None else f"ann-{generation}.ids.npy",
+              "type": factory, "trained_on": trained_on, "memory": memory}
     path = os.path.join(folder, record["file"])
-    faiss.write_index(fill(made, embeddings), path + ".tmp")
+    faiss.write_index(made, path + ".tmp")
     os.replace(path + ".tmp", path)
+    if record["ids"]:
+        store.write_atomically(os.path.join(folder, record["ids"]), lambda f: np.save(f, ids))
     manifest["ann"] = record
 
 
+def previous_ids(folder, previous, made):
+    """The FAISS id of each row of the previous generation: its ids file, or the rows themselves (an index written
+    before there were ids files)."""
+    if previous.get("ids"):
+        return np.load(os.path.join(folder, previous["ids"]))
+    return np.arange(made.ntotal)
+
+
 def load(folder, manifest):
-    """The index's approximate index, memory-mapped where its type allows (inverted lists), ready to search; None
-    when it has none, or (said on stderr) when FAISS is not installed: search is then exact."""
+    """(FAISS index, ids) of the index's approximate index, ready to search: the index memory-mapped where its type
+    allows (inverted lists), the FAISS id of each row memory-mapped (None: the ids are the rows). None when it has
+    none, or (said on stderr) when FAISS is not installed: search is then exact."""
     if not manifest.get("ann"):
         return None
     try:
@@ -104,11 +150,12 @@ def load(folder, manifest):
     except SystemExit as e:
         print(f"note: {e.code}; searching exactly", file=sys.stderr, flush=True)
         return None
-    made = faiss.read_index(os.path.join(folder, manifest["ann"]["file"]), faiss.IO_FLAG_MMAP)
-    if "IVF" in manifest["ann"]["type"]:
+    record = manifest["ann"]
+    made = faiss.read_index(os.path.join(folder, record["file"]), faiss.IO_FLAG_MMAP)
+    if "IVF" in record["type"]:
         nlist = faiss.extract_index_ivf(made).nlist
         set_nprobe(faiss, made, min(nlist, max(MIN_NPROBE, nlist // NPROBE_PER_LIST)))
-    return made
+    return made, record.get("ids") and np.load(os.path.join(folder, record["ids"]), mmap_mode="r")
 
 
 def set_nprobe(faiss, made, nprobe):
@@ -118,12 +165,15 @@ def set_nprobe(faiss, made, nprobe):
         faiss.ParameterSpace().set_index_parameter(made, "quantizer_efSearch", max(QUANTIZER_EF, 2 * nprobe))
 
 
-def top_k(made, embeddings, query, k):
-    """(scores, rows) of the k best of FAISS's candidates, scored exactly: fp32 products with their stored rows."""
+def top_k(approximate, embeddings, query, k):
+    """(scores, rows) of the k best of FAISS's candidates (approximate: load's pair), scored exactly: fp32 products
+    with their stored rows."""
+    made, ids = approximate
     query = query.float()
     wanted = min(len(embeddings), max(CANDIDATES_PER_RESULT * k, MIN_CANDIDATES))
-    rows = np.unique(made.search(query.numpy()[None], wanted)[1][0])
-    rows = rows[rows >= 0]  # -1: fewer hits than asked
+    found = made.search(query.numpy()[None], wanted)[1][0]
+    found = found[found >= 0]  # -1: fewer hits than asked
+    rows = np.unique(found if ids is None else np.searchsorted(ids, found))  # ids grow with the row
     scores = torch.from_numpy(np.array(embeddings[rows])).float() @ query
     scores, best = scores.topk(min(k, len(rows)))
     return scores.tolist(), rows[best.numpy()].tolist()

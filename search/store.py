@@ -101,9 +101,13 @@ def pending_in_order(chunks, position, dim):
     return [rows[n] for n in order], out
 
 
-def kept_rows(manifest, embeddings, kept, step=65536):
-    """(rows, embeddings) of the old index's entries whose files are unchanged, a bounded slice at a time."""
-    rows = [i for i, (path, _) in enumerate(manifest["entries"]) if path in kept]
+def kept_row_numbers(manifest, kept):
+    """The rows (increasing) of the old index's entries whose files are in `kept`, the unchanged ones."""
+    return np.fromiter((i for i, (path, _) in enumerate(manifest["entries"]) if path in kept), np.int64)
+
+
+def kept_rows(manifest, embeddings, rows, step=65536):
+    """(entries, embeddings) of the old index's rows `rows`, a bounded slice at a time."""
     for i in range(0, len(rows), step):
         yield [manifest["entries"][r] for r in rows[i:i + step]], embeddings[rows[i:i + step]]
 
@@ -128,7 +132,7 @@ def write_index(folder, manifest, parts, before_manifest=None):
         before_manifest(manifest, np.load(path, mmap_mode="r"))
     write_atomically(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
     shutil.rmtree(os.path.join(folder, PENDING), ignore_errors=True)
-    named = {manifest["embeddings"], (manifest.get("ann") or {}).get("file")}
+    named = {manifest["embeddings"], *((manifest.get("ann") or {}).get(n) for n in ("file", "ids"))}
     for name in os.listdir(folder):
         if name.startswith(("embeddings-", "ann-")) and name not in named:
             os.remove(os.path.join(folder, name))

@@ -67,6 +67,45 @@ def test_an_incremental_run_updates_the_approximate_index_and_retrains_when_grow
     assert_same(search(capsys, folder, "a lake", "--top", "8"), brute_force(clip[1], paths, "a lake", 8))
 
 
+def counting_added_rows(monkeypatch):
+    """A list that receives the number of rows each ann.add_rows call adds to a FAISS index."""
+    added, add_rows = [], ann.add_rows
+    monkeypatch.setattr(ann, "add_rows", lambda made, embeddings, first, ids: added.append(len(embeddings) - first)
+                        or add_rows(made, embeddings, first, ids))
+    return added
+
+
+def test_an_incremental_run_removes_and_adds_only_the_changes_in_the_inverted_lists(clip, tmp_path, capsys,
+                                                                                      monkeypatch):
+    archive, folder = tmp_path / "archive", tmp_path / "idx"
+    monkeypatch.setattr(ann, "choose_factory", lambda *args: "IVF2,Flat")  # 2 lists, both searched: exact
+    paths = noise_images(archive, [f"old{i}.png" for i in range(8)])
+    index(capsys, archive, folder, clip[0], "--ann")
+    for gone in (paths[1], paths[4]):
+        os.remove(gone)
+    noise_images(archive, ["old6.png"], seed=4)  # changed: its old row dropped, its new one added
+    os.utime(paths[6], ns=(os.stat(paths[6]).st_atime_ns, os.stat(paths[6]).st_mtime_ns + 10 ** 9))
+    paths = [p for p in paths if p not in (paths[1], paths[4])] + noise_images(archive, ["new0.png", "new1.png",
+                                                                                         "new2.png"], seed=5)
+    added = counting_added_rows(monkeypatch)
+    assert index(capsys, archive, folder, clip[0])["entries"] == 9
+    assert added == [4]  # the changed file and the 3 new ones: not every row again
+    manifest = store.read_manifest(str(folder))
+    assert manifest["ann"]["trained_on"] == 8 and manifest["ann"]["ids"] == "ann-2.ids.npy"
+    assert sorted(os.listdir(folder)) == ["ann-2.faiss", "ann-2.ids.npy", "embeddings-2.npy", "manifest.json"]
+    made, ids = ann.load(str(folder), manifest)
+    assert made.ntotal == len(ids) == 9 and np.array_equal(np.sort(ids_in_lists(made)), ids)
+    found = search(capsys, folder, "a lake", "--top", "9")  # every entry, in the brute force's order
+    assert_same(found, brute_force(clip[1], paths, "a lake", 9))
+
+
+def ids_in_lists(made):
+    """Every FAISS id that the inverted lists of `made` hold."""
+    lists = faiss.extract_index_ivf(made).invlists
+    return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+                           for n in range(lists.nlist) if lists.list_size(n)])
+
+
 def test_an_interrupted_approximate_build_leaves_the_old_index(clip, tmp_path, capsys, monkeypatch):
     archive, folder = tmp_path / "archive", tmp_path / "idx"
     old = noise_images(archive, [f"old{i}.png" for i in range(5)])
@@ -136,13 +175,13 @@ def test_each_type_finds_the_brute_force_neighbours(clustered, factory, monkeypa
     monkeypatch.setattr(ann, "choose_factory", lambda *args: factory)
     manifest = {"generation": 1, "embeddings": "embeddings-1.npy"}
     ann.build(folder, manifest, embeddings, None)
-    made = ann.load(folder, manifest)
+    made, ids = ann.load(folder, manifest)
     assert made.ntotal == len(embeddings) and manifest["ann"]["type"] == factory
     if "_HNSW" in factory:  # the list centres' graph searched wide (a narrow search misses the nearest centre)
         assert faiss.downcast_index(faiss.extract_index_ivf(made).quantizer).hnsw.efSearch >= ann.QUANTIZER_EF
-    found = [ann.top_k(made, embeddings, torch.from_numpy(q), 10)[1] for q in queries]
+    found = [ann.top_k((made, ids), embeddings, torch.from_numpy(q), 10)[1] for q in queries]
     assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth.tolist())]) >= 0.95
-    scores, rows = ann.top_k(made, embeddings, torch.from_numpy(queries[0]), 10)
+    scores, rows = ann.top_k((made, ids), embeddings, torch.from_numpy(queries[0]), 10)
     assert scores == pytest.approx((np.asarray(embeddings[rows], np.float32) @ queries[0]).tolist(), abs=1e-6)
 
 
@@ -175,3 +214,33 @@ def test_the_benchmark_runs_and_measures_against_brute_force(tmp_path):
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.splitlines()[-1])
     assert measured["recall@10"] >= 0.95 and measured["rss_anon"].endswith("kB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, before_ids", [("IVF64,Flat", False), ("IVF64,Flat", True),
+                                                 ("IVF64,PQ8np", False), ("IVF64_HNSW32,PQ8np", False)])
+def test_an_update_equals_filling_the_kept_training_again(clustered, factory, before_ids, tmp_path, monkeypatch):
+    """before_ids: the first generation as written before there were ids files (the FAISS ids are the rows)."""
+    _, embeddings, queries, _ = clustered
+    monkeypatch.setattr(ann, "choose_factory", lambda *args: factory)
+    folder, old = str(tmp_path), np.asarray(embeddings[:12_000])
+    first = {"generation": 1}
+    ann.build(folder, first, old, None)
+    if before_ids:
+        with_ids = [ann.top_k(ann.load(folder, first), old, torch.from_numpy(q), 10) for q in queries[:20]]
+        os.remove(os.path.join(folder, first["ann"].pop("ids")))
+        assert [ann.top_k(ann.load(folder, first), old, torch.from_numpy(q), 10) for q in queries[:20]] == with_ids
+    kept = np.sort(np.random.default_rng(0).choice(len(old), 11_000, replace=False))  # 1,000 rows dropped
+    new = np.concatenate([old[kept], embeddings[12_000:14_000]])
+    added = counting_added_rows(monkeypatch)
+    updated, refilled = {"generation": 2}, {"generation": 3}
+    ann.build(folder, updated, new, first["ann"], kept=kept)
+    ann.build(folder, refilled, new, first["ann"])  # the same training, every row added again
+    assert added == [2000, len(new)]
+    made, ids = ann.load(folder, updated)
+    assert made.ntotal == len(ids) == len(new) and np.array_equal(np.sort(ids_in_lists(made)), ids)
+    assert np.array_equal(ids[:len(kept)], kept)  # the first generation's ids were its rows
+    dropped = np.setdiff1d(np.arange(len(old)), kept)[:50]
+    for query in [*queries, *old[dropped].astype(np.float32)]:
+        query = torch.from_numpy(query)
+        assert ann.top_k((made, ids), new, query, 10) == ann.top_k(ann.load(folder, refilled), new, query, 10)
