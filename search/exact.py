@@ -15,6 +15,7 @@ import torch
 SEARCH_ROWS = 65536  # rows per slice: 64 MB of fp16 at dim 512, whose candidates are settled before the next slice
 BLOCK_ROWS = 1024  # rows converted to fp32 at a time for a batch: 2 MB at dim 512, read back from cache, not memory
 BATCH_QUERIES = 4  # from this many queries on, one fp32 product per block beats one fp16 product per query
+BF16_QUERIES = 6  # and bf16 products beat fp32 ones (where the CPU has bf16 units), despite two conversions a block
 # |approximate - exact| <= MARGIN * (largest row norm) * |query|: fp16 rounding of the unit query and of the score
 # (2^-11 each) and fp32 accumulation (D * 2^-24, below 2^-11 up to D = 8192), with room to spare.
 MARGIN = 2.0 ** -9
@@ -72,9 +73,10 @@ def settle(best, chunk, start, approx, query, k, margin):
 def top_k(embeddings, query, k, step=SEARCH_ROWS, norm=None, bf16=False):
     """Exact top-k (scores, rows) of a query [D] against every embedding; for queries [Q, D], one (scores, rows) per
     query from a single pass. `norm` bounds the rows' L2 norms (the index stores unit rows: 1); None measures it.
-    bf16: a batch's fast pass in bf16, for CPUs that multiply bf16 natively (runtime.cpu_has_native_bf16)."""
+    bf16: the fast pass of BF16_QUERIES or more in bf16, for CPUs that multiply bf16 natively
+    (runtime.cpu_has_native_bf16)."""
     rows16, queries = as_tensor(embeddings), query.reshape(-1, query.shape[-1]).float()
-    k, bf16 = min(k, len(rows16)), bf16 and len(queries) >= BATCH_QUERIES  # fewer queries: fp16 products
+    k, bf16 = min(k, len(rows16)), bf16 and len(queries) >= BF16_QUERIES
     lengths = torch.linalg.vector_norm(queries, dim=1).clamp_min(1e-30)[:, None]
     bound = largest_norm(rows16, step) if norm is None else norm
     margins = (BF16_MARGIN if bf16 else MARGIN) * bound * lengths[:, 0]

@@ -57,7 +57,8 @@ def test_one_query_is_the_brute_force_top_k_across_slices(tmp_path, n, step, k):
 
 
 @pytest.mark.parametrize("bf16", FAST_PASSES)
-@pytest.mark.parametrize("count", [2, exact.BATCH_QUERIES - 1, exact.BATCH_QUERIES, 2 * exact.BATCH_QUERIES + 1])
+@pytest.mark.parametrize("count", [2, exact.BATCH_QUERIES - 1, exact.BATCH_QUERIES, exact.BF16_QUERIES,
+                                   2 * exact.BF16_QUERIES + 1])
 def test_a_batch_gives_each_query_its_brute_force_top_k(tmp_path, count, bf16):
     rows = memmapped(tmp_path, unit_rows(3000, 48, seed=1))
     queries = torch.randn(count, 48) * torch.rand(count, 1)  # any lengths: the margin scales with the query's
@@ -68,7 +69,7 @@ def test_a_batch_gives_each_query_its_brute_force_top_k(tmp_path, count, bf16):
 
 
 @pytest.mark.parametrize("count, bf16", [(1, False), (exact.BATCH_QUERIES, False),
-                                         pytest.param(exact.BATCH_QUERIES, True, marks=NEEDS_BF16)])
+                                         pytest.param(exact.BF16_QUERIES, True, marks=NEEDS_BF16)])
 def test_near_ties_below_fp16_resolution_rank_exactly(tmp_path, count, bf16):
     """Scores within a few fp16 steps of each other near 1: only the exact re-scoring orders them."""
     rng = np.random.default_rng(2)
@@ -87,7 +88,7 @@ def test_equal_scores_take_the_lower_row_first(tmp_path, bf16):
     rows[[37, 130, 260, 499]] = rows[400]  # copies in other slices, before and after the original
     rows = memmapped(tmp_path, rows)
     query = torch.from_numpy(rows[400].astype(np.float32))
-    for queries in (query, query.repeat(exact.BATCH_QUERIES, 1)):
+    for queries in (query, query.repeat(exact.BATCH_QUERIES, 1), query.repeat(exact.BF16_QUERIES, 1)):
         found = exact.top_k(rows, queries, 3, step=64, norm=1.0, bf16=bf16)
         assert (found if queries.dim() == 1 else found[0])[1] == [37, 130, 260]
     assert exact.top_k(rows, torch.zeros(16), 4, step=64, bf16=bf16)[1] == [0, 1, 2, 3]  # every score 0
@@ -216,7 +217,7 @@ def staircase(value, count=1000, dim=1024):
 def test_the_bf16_fast_pass_is_within_its_margin_at_the_worst_rounding():
     """Row, query and score each rounded by bf16 as far as it goes, all in the same direction."""
     queries = torch.stack([unit_query(value, 1000) for value in (ROUNDED_DOWN, ROUNDED_UP)])
-    queries = torch.cat([queries, -queries])  # a batch of four
+    queries = torch.cat([queries, -queries])  # a batch
     rows = np.concatenate([staircase(ROUNDED_DOWN), staircase(ROUNDED_UP)])
     exact_scores = queries.double() @ torch.from_numpy(rows).double().T
     error = (exact.approximate(exact.as_tensor(rows), queries, True) - exact_scores).abs()
@@ -225,16 +226,18 @@ def test_the_bf16_fast_pass_is_within_its_margin_at_the_worst_rounding():
 
 
 @NEEDS_BF16
-def test_rows_the_bf16_fast_pass_puts_in_the_wrong_order_still_rank_exactly(tmp_path):
+def test_rows_the_bf16_fast_pass_puts_in_the_wrong_order_still_rank_exactly(tmp_path, monkeypatch):
     """Ten rows of a first slice scored exactly in bf16 (but for the query's rounding), then in the next slice the
     true best, its elements and its sum rounded down (898 to 896): its bf16 score falls below the ten's exact scores
     by nearly 2^-7, and only the margin keeps it among the rows scored again."""
     query = unit_query(ROUNDED_DOWN, 1000)
     runners_up, best = staircase(STEP)[[900] * 10], staircase(ROUNDED_DOWN)[897]
     rows = memmapped(tmp_path, np.concatenate([runners_up, best[None], unit_rows(100, 1024)]))
-    queries = torch.stack([query] + [unit_query(STEP, 500)] * (exact.BATCH_QUERIES - 1))
+    queries = torch.stack([query] + [unit_query(STEP, 500)] * (exact.BF16_QUERIES - 1))
+    passes, approximate = [], exact.approximate
+    monkeypatch.setattr(exact, "approximate", lambda *args: passes.append(args[2]) or approximate(*args))
     assert_brute_force(exact.top_k(rows, queries, 10, step=10, norm=1.0, bf16=True), rows, queries, 10)
-    assert brute_force(rows, query, 1)[1] == [10]
+    assert brute_force(rows, query, 1)[1] == [10] and passes == [True] * 12  # every slice in bf16
 
 
 @pytest.mark.parametrize("bf16", [False, True])
