@@ -60,10 +60,11 @@ def approximate(chunk, units, bf16=False):
 def settle(best, chunk, start, approx, query, k, margin):
     """The running exact top-k (scores, rows) of one query, merged with the rows of a slice that may enter it."""
     scores, rows = best
-    floor = approx.topk(min(k, len(approx))).values[-1] - 2 * margin  # k rows of the slice score at least this + margin
-    if len(scores) == k:
-        floor = max(floor, scores[-1] - margin)
+    floor = scores[-1] - margin if len(scores) == k else float("-inf")  # rows below cannot reach the k-th best
     picked = torch.nonzero(approx >= floor).squeeze(1)
+    if len(picked) > k:  # the slice's own k-th best bounds them too (k rows score at least its score - margin)
+        floor = max(floor, approx.topk(min(k, len(approx))).values[-1] - 2 * margin)
+        picked = torch.nonzero(approx >= floor).squeeze(1)
     exact = (chunk[picked].double() @ query.double()).float()
     scores, rows = torch.cat([scores, exact]), torch.cat([rows, picked + start])  # earlier slices first
     order = torch.sort(scores, descending=True, stable=True).indices[:k]  # stable: equal scores keep the lower row
