@@ -229,7 +229,7 @@ def test_the_bf16_fast_pass_is_within_its_margin_at_the_worst_rounding():
 def test_rows_the_bf16_fast_pass_puts_in_the_wrong_order_still_rank_exactly(tmp_path, monkeypatch):
     """Ten rows of a first slice scored exactly in bf16 (but for the query's rounding), then in the next slice the
     true best, its elements and its sum rounded down (898 to 896): its bf16 score falls below the ten's exact scores
-    by nearly 2^-7, and only the margin keeps it among the rows scored again."""
+    by more than 2^-7, and only the margin keeps it among the rows scored again."""
     query = unit_query(ROUNDED_DOWN, 1000)
     runners_up, best = staircase(STEP)[[900] * 10], staircase(ROUNDED_DOWN)[897]
     rows = memmapped(tmp_path, np.concatenate([runners_up, best[None], unit_rows(100, 1024)]))
