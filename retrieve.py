@@ -362,7 +362,7 @@ def make_server(folder, host, port, device, amp, max_upload=MAX_UPLOAD, exact_on
     manifest, embeddings = store.load_index(folder)
     approximate = None if exact_only else ann.load(folder, manifest)
     model, lock = load_model(manifest["model"], device, amp), threading.Lock()
-    scan = exact.gathering(embeddings, norm=1.0)  # the index stores unit rows
+    scan = exact.gathering(embeddings, norm=1.0, bf16=runtime.cpu_has_native_bf16())  # the index stores unit rows
 
     def query(params, upload):
         k = params.get("k", ["12"])[0]

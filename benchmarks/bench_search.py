@@ -7,11 +7,13 @@
 Indexing: retrieve.encode_files (decode, CLIP's preprocessing, encoding, the chunk saved) over generated 512 x 512
 PNGs, in the precision runtime.default_amp picks. Search: exact.top_k over synthetic unit fp16 embeddings (dim 512)
 memory-mapped from a temporary .npy, after one warm-up pass (the page cache holds them, as on a serving machine),
-for one query and for a batch of 16 in one pass, beside the time one pass takes to copy those bytes out of memory:
-the bound for any exact search that reads every embedding. Prints numbers only.
+for one query and for batches of 4, 8 and 16 in one pass (fast pass in fp32, and in bf16 where the CPU multiplies
+bf16 natively), beside the time one pass takes to copy those bytes out of memory: the bound for any exact search that
+reads every embedding. Prints numbers only.
 """
 import argparse
 import datetime
+import functools
 import os
 import shutil
 import statistics
@@ -82,14 +84,15 @@ def fits_in_memory(n, dim, folder):
     return 1.5 * size < available and 1.2 * size < shutil.disk_usage(folder).free
 
 
-def searching(n, folder, rounds=5, dim=512, k=10, batch=16):
+def searching(n, folder, rounds=5, dim=512, k=10, batches=(4, 8, 16)):
     """Median times over n memory-mapped fp16 embeddings of one read of their bytes (copied out of the page
-    cache, a slice at a time), a top-k for one query, and one pass answering `batch` queries, measured in turns so
-    that the load of a shared machine falls on all three alike."""
+    cache, a slice at a time), a top-k for one query, and one pass answering each batch of queries (fast pass in
+    fp32, and from exact.BF16_QUERIES on also in bf16 where the CPU has bf16 units), measured in turns so that the
+    load of a shared machine falls on all alike."""
     path = os.path.join(folder, f"embeddings-{n}.npy")
     write_embeddings(path, n, dim)
     embeddings = np.load(path, mmap_mode="r")
-    queries = torch.nn.functional.normalize(torch.randn(batch, dim), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(max(batches), dim), dim=1)
     buffer = np.empty((exact.SEARCH_ROWS, dim), np.float16)
 
     def read_once():
@@ -97,18 +100,23 @@ def searching(n, folder, rounds=5, dim=512, k=10, batch=16):
             block = embeddings[start:start + exact.SEARCH_ROWS]
             np.copyto(buffer[:len(block)], block)
 
-    tasks = {"read": read_once, "one query": lambda: exact.top_k(embeddings, queries[0], k, norm=1.0),
-             f"{batch} queries": lambda: exact.top_k(embeddings, queries, k, norm=1.0)}
+    tasks = {"read": read_once, "one query": lambda: exact.top_k(embeddings, queries[0], k, norm=1.0)}
+    for batch in batches:
+        for bf16 in [False] + [True] * (runtime.cpu_has_native_bf16() and batch >= exact.BF16_QUERIES):
+            tasks[batch, bf16] = functools.partial(exact.top_k, embeddings, queries[:batch], k, norm=1.0, bf16=bf16)
     times = {name: [] for name in tasks}
     for turn in range(rounds + 1):  # the first turn warms the page cache and the allocator
         for name, task in tasks.items():
             started = time.perf_counter()
             task()
             times[name].append(time.perf_counter() - started)
-    read, single, batched = (statistics.median(t[1:]) for t in times.values())
+    median = {name: statistics.median(t[1:]) for name, t in times.items()}
+    read, single = median.pop("read"), median.pop("one query")
     print(f"search {n:>10,} entries ({n * dim * 2 / 1e9:5.2f} GB): read {read * 1e3:8.1f} ms | top-{k} of one query "
-          f"{single * 1e3:8.1f} ms ({single / read:4.2f}x read) | {batch} queries in one pass {batched * 1e3:8.1f} ms "
-          f"({batched / read:4.2f}x read, {batched / read / batch:4.2f}x per query)", flush=True)
+          f"{single * 1e3:8.1f} ms ({single / read:4.2f}x read)", flush=True)
+    for (batch, bf16), took in median.items():
+        print(f"       {batch:3d} queries in one pass, {'bf16' if bf16 else 'fp32'} fast pass: {took * 1e3:8.1f} ms "
+              f"({took / read:4.2f}x read, {took / read / batch:4.2f}x per query)", flush=True)
     os.remove(path)
 
 
