@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
+import clip_min
 import data
 from support import runtime
-from helpers import make_world
+from helpers import MICRO, make_world
 
 
 @pytest.fixture
@@ -38,3 +39,13 @@ def decode_cache_of_the_session(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A random micro CLIP saved as a state_dict, and the same model in memory (the tests' own encoder)."""
+    torch.manual_seed(0)
+    model = clip_min.CLIP(MICRO).eval()
+    path = str(tmp_path_factory.mktemp("clip") / "clip.pt")
+    torch.save(model.state_dict(), path)
+    return path, model

@@ -1,6 +1,7 @@
 """What the tests share: OpenAI's reference CLIP (PyPI clip-anytorch) as the oracle and its file format, small
-worlds (a dataset and a CLIP) for the end-to-end tests, writers of the dataset layouts, the released split draw, and
-runs of train.py with what they left behind. Fixtures live in conftest.py."""
+worlds (a dataset and a CLIP) for the end-to-end tests, writers of the dataset layouts, the released split draw,
+runs of train.py with what they left behind, and archives of images for retrieve.py with its brute-force oracle.
+Fixtures live in conftest.py."""
 import copy
 import json
 import os
@@ -11,10 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import adapter
 import clip_min
+import data
+import retrieve
 import train
 from support import demo, runtime
 
@@ -166,3 +170,40 @@ def released_generate_random_samples(caps_lines, name_lines, seed):
     random.shuffle(infos)
     cut = int(len(infos) * 0.8)
     return [info[1] for info in infos[:cut]], [info[1] for info in infos[cut:]]
+
+
+def noise_images(folder, names, seed=0, size=(30, 24)):
+    """Random images: each one's embedding differs from the others' (no ties in a top-k)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)) or ".", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(folder, name))
+    return [os.path.join(os.path.abspath(folder), n) for n in names]
+
+
+def retrieve_json(capsys, *argv):
+    retrieve.main(list(argv))
+    return json.loads(capsys.readouterr().out)
+
+
+def index_archive(capsys, source, folder, clip_path, *more):
+    return retrieve_json(capsys, "index", str(folder), str(source), "--clip", clip_path,
+               "--clip-activation", "quick_gelu", "--workers", "1", "--json", *more)
+
+
+def brute_force(model, paths, query, k):
+    """Top-k paths and scores computed here: CLIP's preprocessing by data.cache_images, encode_image, L2 norm, the
+    index's fp16 rounding, one matrix product over everything, topk."""
+    images = data.normalise(data.cache_images(paths, model.visual.input_resolution, workers=1))
+    with torch.no_grad():
+        embeddings = F.normalize(model.encode_image(images), dim=-1).half().float()
+        if isinstance(query, str):
+            query = F.normalize(model.encode_text(clip_min.tokenize([query])), dim=-1)[0]
+    scores, rows = (embeddings @ query).topk(min(k, len(paths)))
+    return [paths[r] for r in rows.tolist()], scores.tolist()
+
+
+def assert_same(found, expected):
+    paths, scores = expected
+    assert [hit["path"] for hit in found["results"]] == paths
+    assert [hit["score"] for hit in found["results"]] == pytest.approx(scores, abs=2e-4)

@@ -15,80 +15,31 @@ from io import BytesIO
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import adapter
 import clip_min
-import data
 import retrieve
 from search import exact, store
-from helpers import REPO, MICRO, make_world
+from helpers import REPO, MICRO, assert_same, brute_force, index_archive, make_world, noise_images, retrieve_json
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """A random micro CLIP saved as a state_dict, and the same model in memory (the tests' own encoder)."""
-    torch.manual_seed(0)
-    model = clip_min.CLIP(MICRO).eval()
-    path = str(tmp_path_factory.mktemp("clip") / "clip.pt")
-    torch.save(model.state_dict(), path)
-    return path, model
-
-
-def noise_images(folder, names, seed=0, size=(30, 24)):
-    """Random images: each one's embedding differs from the others' (no ties in a top-k)."""
-    rng = np.random.default_rng(seed)
-    for name in names:
-        os.makedirs(os.path.dirname(os.path.join(folder, name)) or ".", exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(folder, name))
-    return [os.path.join(os.path.abspath(folder), n) for n in names]
-
-
-def run(capsys, *argv):
-    retrieve.main(list(argv))
-    return json.loads(capsys.readouterr().out)
-
-
-def index(capsys, source, folder, clip_path, *more):
-    return run(capsys, "index", str(folder), str(source), "--clip", clip_path,
-               "--clip-activation", "quick_gelu", "--workers", "1", "--json", *more)
-
-
-def brute_force(model, paths, query, k):
-    """Top-k paths and scores computed here: CLIP's preprocessing by data.cache_images, encode_image, L2 norm, the
-    index's fp16 rounding, one matrix product over everything, topk."""
-    images = data.normalise(data.cache_images(paths, model.visual.input_resolution, workers=1))
-    with torch.no_grad():
-        embeddings = F.normalize(model.encode_image(images), dim=-1).half().float()
-        if isinstance(query, str):
-            query = F.normalize(model.encode_text(clip_min.tokenize([query])), dim=-1)[0]
-    scores, rows = (embeddings @ query).topk(min(k, len(paths)))
-    return [paths[r] for r in rows.tolist()], scores.tolist()
-
-
-def assert_same(found, expected):
-    paths, scores = expected
-    assert [hit["path"] for hit in found["results"]] == paths
-    assert [hit["score"] for hit in found["results"]] == pytest.approx(scores, abs=2e-4)
 
 
 def test_search_gives_the_brute_force_top_k(clip, tmp_path, capsys):
     paths = noise_images(tmp_path / "archive", [f"{d}/scene{i}.{e}" for i, (d, e) in enumerate(
         [("a", "png"), ("a/b", "PNG"), ("c", "jpg"), ("c", "JPEG"), ("a", "tif"), ("c", "TIFF")] * 3)])
     (tmp_path / "archive" / "notes.txt").write_text("not an image")
-    assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0]) == dict(
+    assert index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0]) == dict(
         encoded=18, removed=0, unchanged=0, skipped=0, total=18, entries=18)
     manifest, embeddings = store.load_index(str(tmp_path / "idx"))
     assert embeddings.dtype == np.float16 and isinstance(embeddings, np.memmap) and embeddings.shape == (18, 64)
     for query in ("a red building beside a river", "many planes"):
-        assert_same(run(capsys, "search", str(tmp_path / "idx"), query, "--top", "5", "--json"),
+        assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), query, "--top", "5", "--json"),
                     brute_force(clip[1], sorted(paths), query, 5))
     gallery = tmp_path / "gallery.png"
-    found = run(capsys, "search", str(tmp_path / "idx"), "--image", paths[3], "--top", "4", "--json",
+    found = retrieve_json(capsys, "search", str(tmp_path / "idx"), "--image", paths[3], "--top", "4", "--json",
                 "--gallery", str(gallery))
     assert found["results"][0]["path"] == paths[3] and found["results"][0]["score"] == pytest.approx(1, abs=2e-3)
     assert Image.open(gallery).size[0] > 4 * 200
@@ -107,7 +58,7 @@ def test_exact_search_in_slices_is_one_full_product(tmp_path):
 def test_update_encodes_only_what_changed(clip, tmp_path, capsys, monkeypatch):
     archive = tmp_path / "archive"
     paths = noise_images(archive, [f"img{i}.png" for i in range(8)])
-    index(capsys, archive, tmp_path / "idx", clip[0])
+    index_archive(capsys, archive, tmp_path / "idx", clip[0])
     encoded, real = [], retrieve.embed_images
     monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.append(len(images)) or real(
         m, images, *a))
@@ -115,20 +66,20 @@ def test_update_encodes_only_what_changed(clip, tmp_path, capsys, monkeypatch):
     noise_images(archive, ["img3.png"], seed=1)  # changed content under the same name
     os.utime(paths[3], ns=(os.stat(paths[3]).st_atime_ns, os.stat(paths[3]).st_mtime_ns + 10 ** 9))
     paths = paths[1:] + noise_images(archive, ["new/img8.png", "new/img9.png"], seed=2)
-    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=3, removed=1, unchanged=6, skipped=0,
-                                                                             total=9, entries=9)
+    assert index_archive(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=3, removed=1, unchanged=6,
+                                                                             skipped=0, total=9, entries=9)
     assert sum(encoded) == 3
-    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a lake", "--top", "9", "--json"),
+    assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), "a lake", "--top", "9", "--json"),
                 brute_force(clip[1], paths, "a lake", 9))
-    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=0, removed=0, unchanged=9, skipped=0,
-                                                                             total=9, entries=9)
+    assert index_archive(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=0, removed=0, unchanged=9,
+                                                                             skipped=0, total=9, entries=9)
     assert sum(encoded) == 3
 
 
 def test_an_interrupted_index_is_the_old_one_and_a_rerun_resumes(clip, tmp_path, capsys, monkeypatch):
     archive = tmp_path / "archive"
     old = noise_images(archive, [f"old{i}.png" for i in range(4)])
-    index(capsys, archive, tmp_path / "idx", clip[0])
+    index_archive(capsys, archive, tmp_path / "idx", clip[0])
     before = sorted(os.listdir(tmp_path / "idx"))
     new = noise_images(archive, [f"new{i}.png" for i in range(6)], seed=3)
     monkeypatch.setattr(retrieve, "FILES_PER_CHUNK", 2)
@@ -144,8 +95,9 @@ def test_an_interrupted_index_is_the_old_one_and_a_rerun_resumes(clip, tmp_path,
 
     monkeypatch.setattr(retrieve, "embed_images", stopped_after(2))  # Ctrl-C while encoding the third chunk
     with pytest.raises(KeyboardInterrupt):
-        index(capsys, archive, tmp_path / "idx", clip[0])
-    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
+        index_archive(capsys, archive, tmp_path / "idx", clip[0])
+    assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
+                brute_force(clip[1], old, "a road", 10))
     monkeypatch.setattr(retrieve, "embed_images", stopped_after(99))
     real_write = store.write_atomically
 
@@ -158,14 +110,15 @@ def test_an_interrupted_index_is_the_old_one_and_a_rerun_resumes(clip, tmp_path,
 
     monkeypatch.setattr(store, "write_atomically", killed_writing_the_manifest)
     with pytest.raises(KeyboardInterrupt):
-        index(capsys, archive, tmp_path / "idx", clip[0])
+        index_archive(capsys, archive, tmp_path / "idx", clip[0])
     assert encoded == [2, 2, 2]  # the third chunk only: the first two were kept from the interrupted run
-    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"), brute_force(clip[1], old, "a road", 10))
+    assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
+                brute_force(clip[1], old, "a road", 10))
     monkeypatch.setattr(store, "write_atomically", real_write)
-    assert index(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=6, removed=0, unchanged=4,
+    assert index_archive(capsys, archive, tmp_path / "idx", clip[0]) == dict(encoded=6, removed=0, unchanged=4,
                                                                                skipped=0, total=10, entries=10)
     assert encoded == [2, 2, 2]
-    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
+    assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), "a road", "--json"),
                 brute_force(clip[1], sorted(old + new), "a road", 10))
     assert sorted(os.listdir(tmp_path / "idx")) == ["embeddings-2.npy", "manifest.json"] != before
 
@@ -175,12 +128,12 @@ def test_an_index_of_another_model_is_refused(clip, tmp_path, capsys):
     torch.manual_seed(1)
     other = str(tmp_path / "other.pt")
     torch.save(clip_min.CLIP(MICRO).state_dict(), other)
-    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+    index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
     with pytest.raises(ValueError, match="--rebuild"):
-        index(capsys, tmp_path / "archive", tmp_path / "idx", other)
+        index_archive(capsys, tmp_path / "archive", tmp_path / "idx", other)
     with pytest.raises(ValueError, match="tiles"):
-        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "16")
-    assert index(capsys, tmp_path / "archive", tmp_path / "idx", other, "--rebuild")["encoded"] == 2
+        index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "16")
+    assert index_archive(capsys, tmp_path / "archive", tmp_path / "idx", other, "--rebuild")["encoded"] == 2
     assert store.read_manifest(str(tmp_path / "idx"))["model"]["backbone"] == other
 
 
@@ -192,23 +145,23 @@ def test_a_checkpoint_is_recorded_by_hash_and_search_loads_it(clip, tmp_path, ca
     checkpoint = str(tmp_path / "best.pt")
     torch.save({"trainable": adapter.trainable_state_dict(model), "method": "mrs", "options": model.petl_options,
                 "clip": clip[0], "activation": "quick_gelu", "args": {}}, checkpoint)
-    run(capsys, "index", str(tmp_path / "idx"), str(tmp_path / "archive"), "--checkpoint", checkpoint,
+    retrieve_json(capsys, "index", str(tmp_path / "idx"), str(tmp_path / "archive"), "--checkpoint", checkpoint,
         "--json")
     record = store.read_manifest(str(tmp_path / "idx"))["model"]
     assert record["method"] == "mrs" and record["backbone"] == clip[0] and len(record["sha256"]) == 64
-    assert_same(run(capsys, "search", str(tmp_path / "idx"), "a port", "--json"),
+    assert_same(retrieve_json(capsys, "search", str(tmp_path / "idx"), "a port", "--json"),
                 brute_force(model, sorted(paths), "a port", 10))
     with pytest.raises(ValueError, match="--rebuild"):
-        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])  # frozen CLIP: another model
+        index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])  # frozen CLIP: another model
     with open(checkpoint, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="changed since"):
-        run(capsys, "search", str(tmp_path / "idx"), "a port", "--json")
+        retrieve_json(capsys, "search", str(tmp_path / "idx"), "a port", "--json")
 
 
 def test_a_dataset_is_indexed_by_name(clip, tmp_path, capsys):
     world = make_world(tmp_path)
-    found = index(capsys, world.name, tmp_path / "idx", clip[0], "--data-root", world.root)
+    found = index_archive(capsys, world.name, tmp_path / "idx", clip[0], "--data-root", world.root)
     assert found["total"] == 60 == len(store.read_manifest(str(tmp_path / "idx"))["entries"])
 
 
@@ -216,13 +169,13 @@ def test_tiles_carry_their_offsets(clip, tmp_path, capsys):
     assert retrieve.tiles(100, 40, 32) == [[x, y, 32, 32] for y in (0, 8) for x in (0, 32, 64, 68)]
     assert retrieve.tiles(32, 20, 32) == [None]
     noise_images(tmp_path / "archive", ["scene.png"], size=(96, 64))  # six 32 x 32 tiles, each its own noise
-    assert index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")["total"] == 1
+    assert index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")["total"] == 1
     scene = Image.open(tmp_path / "archive" / "scene.png")
     boxes = [entry[1] for entry in store.read_manifest(str(tmp_path / "idx"))["entries"]]
     assert sorted(boxes) == sorted([x, y, 32, 32] for x in (0, 32, 64) for y in (0, 32))
     for x, y in ((64, 0), (0, 32), (32, 32)):
         scene.crop((x, y, x + 32, y + 32)).save(tmp_path / "query.png")
-        best = run(capsys, "search", str(tmp_path / "idx"), "--image", str(tmp_path / "query.png"), "--json")
+        best = retrieve_json(capsys, "search", str(tmp_path / "idx"), "--image", str(tmp_path / "query.png"), "--json")
         assert best["results"][0]["tile"] == [x, y, 32, 32]
         assert best["results"][0]["score"] == pytest.approx(1, abs=2e-3)
 
@@ -231,7 +184,7 @@ def test_tiles_carry_their_offsets(clip, tmp_path, capsys):
 def server(clip, tmp_path, capsys):
     """A served index of 12 images (loopback, a free port), stopped after the test."""
     paths = noise_images(tmp_path / "archive", [f"photo{i:02d}.png" for i in range(12)])
-    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+    index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
     httpd = retrieve.make_server(str(tmp_path / "idx"), "127.0.0.1", 0, torch.device("cpu"), "off", max_upload=4000)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -322,17 +275,17 @@ def test_shards_then_a_join_give_the_index_of_one_process(clip, tmp_path, capsys
     (tmp_path / "archive" / "broken.png").write_bytes(b"not a png")
     # One process with a file per chunk and batch (tiled: --workers files a chunk), the shards with seven: the
     # embeddings must not depend on the batch's size (the matrix kernels do)
-    assert index(capsys, tmp_path / "archive", tmp_path / "one", clip[0], "--tile", "32")["skipped"] == 1
+    assert index_archive(capsys, tmp_path / "archive", tmp_path / "one", clip[0], "--tile", "32")["skipped"] == 1
     encoded, real = [], retrieve.embed_images
     monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.extend(images) or real(m, images, *a))
-    parts = [index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32", "--shard", f"{i}/3",
+    parts = [index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32", "--shard", f"{i}/3",
                    "--workers", "7")
              for i in (2, 0, 1)]
     assert store.read_manifest(str(tmp_path / "idx")) is None  # shards switch no manifest
     assert sum(part["encoded"] for part in parts) == 41 and sum(part["skipped"] for part in parts) == 1
     assert all(0 < part["encoded"] < 41 for part in parts)  # the split shares the work
     assert len(encoded) == 40 + 6  # each entry once, the broken file none
-    found = index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")
+    found = index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--tile", "32")
     assert len(encoded) == 46  # the join encodes nothing
     assert found == dict(encoded=41, removed=0, unchanged=0, skipped=1, total=41, entries=46)
     assert index_files(tmp_path / "idx") == index_files(tmp_path / "one")
@@ -360,11 +313,11 @@ def test_processes_encode_the_parts_at_once_then_join(clip, tmp_path, capsys, mo
     """--processes 3: three processes of retrieve.py (one GPU each on a machine with several) write pending/ at
     once, then the join; the index is the one process's, and the join encodes nothing."""
     noise_images(tmp_path / "archive", [f"img{i:02d}.png" for i in range(30)])
-    index(capsys, tmp_path / "archive", tmp_path / "one", clip[0])
+    index_archive(capsys, tmp_path / "archive", tmp_path / "one", clip[0])
     encoded, real = [], retrieve.embed_images
     monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.extend(images) or real(m, images, *a))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' threads: one, as this process's (exact_cpu)
-    found = index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--processes", "3", "--amp", "off")
+    found = index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--processes", "3", "--amp", "off")
     assert found == dict(encoded=30, removed=0, unchanged=0, skipped=0, total=30, entries=30) and encoded == []
     assert index_files(tmp_path / "idx") == index_files(tmp_path / "one")
 
@@ -395,7 +348,7 @@ def test_a_failed_first_run_leaves_no_index_folder(clip, tmp_path, capsys, monke
     noise_images(tmp_path / "archive", ["a.png", "b.png"])
     monkeypatch.setattr(retrieve, "embed_images", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
+        index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])
     assert not (tmp_path / "idx").exists()
 
 
@@ -418,7 +371,7 @@ def test_shards_that_start_at_once_share_one_pending_folder(tmp_path, monkeypatc
 def test_torchrun_ranks_encode_their_parts_and_a_plain_run_joins(clip, tmp_path, capsys, monkeypatch):
     """Under torchrun, without --shard, each rank encodes the part RANK/WORLD_SIZE names."""
     noise_images(tmp_path / "archive", [f"img{i:02d}.png" for i in range(12)])
-    index(capsys, tmp_path / "archive", tmp_path / "one", clip[0])
+    index_archive(capsys, tmp_path / "archive", tmp_path / "one", clip[0])
     argv = ["index", str(tmp_path / "idx"), str(tmp_path / "archive"), "--clip", clip[0], "--clip-activation",
             "quick_gelu", "--workers", "1", "--amp", "off", "--json"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -429,5 +382,5 @@ def test_torchrun_ranks_encode_their_parts_and_a_plain_run_joins(clip, tmp_path,
     assert sorted(part["shard"] for part in parts) == ["0/2", "1/2"] and sum(p["encoded"] for p in parts) == 12
     encoded, real = [], retrieve.embed_images
     monkeypatch.setattr(retrieve, "embed_images", lambda m, images, *a: encoded.extend(images) or real(m, images, *a))
-    assert run(capsys, *argv)["encoded"] == 12 and encoded == []
+    assert retrieve_json(capsys, *argv)["encoded"] == 12 and encoded == []
     assert index_files(tmp_path / "idx") == index_files(tmp_path / "one")

@@ -15,19 +15,18 @@ import torch
 import retrieve
 from benchmarks.bench_ann import exact_top, generate, near_queries
 from search import ann, store
-from helpers import REPO
-from test_retrieve import assert_same, brute_force, clip, index, noise_images, run  # noqa: F401 (clip: a fixture)
+from helpers import REPO, assert_same, brute_force, index_archive, noise_images, retrieve_json
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
 
 
 def search(capsys, folder, query, *more):
-    return run(capsys, "search", str(folder), query, "--json", *more)
+    return retrieve_json(capsys, "search", str(folder), query, "--json", *more)
 
 
 def test_the_approximate_index_gives_the_exact_top_k_and_says_so(clip, tmp_path, capsys):
     paths = sorted(noise_images(tmp_path / "archive", [f"scene{i:02d}.png" for i in range(14)]))
-    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--ann")
+    index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--ann")
     manifest = store.read_manifest(str(tmp_path / "idx"))
     assert manifest["ann"]["type"] == "HNSW32,Flat" and manifest["ann"]["trained_on"] == 14
     assert os.path.isfile(tmp_path / "idx" / manifest["ann"]["file"])
@@ -37,7 +36,7 @@ def test_the_approximate_index_gives_the_exact_top_k_and_says_so(clip, tmp_path,
         assert_same(found, brute_force(clip[1], paths, query, 6))
         forced = search(capsys, tmp_path / "idx", query, "--top", "6", "--exact")
         assert forced["approximate"] is False and forced["results"] == found["results"]
-    by_image = run(capsys, "search", str(tmp_path / "idx"), "--image", paths[5], "--json")
+    by_image = retrieve_json(capsys, "search", str(tmp_path / "idx"), "--image", paths[5], "--json")
     assert by_image["approximate"] is True and by_image["results"][0]["path"] == paths[5]
     for exact_only in (False, True):  # the page's API, answered without a socket
         httpd = retrieve.make_server(str(tmp_path / "idx"), "127.0.0.1", 0, torch.device("cpu"), "off",
@@ -51,10 +50,10 @@ def test_the_approximate_index_gives_the_exact_top_k_and_says_so(clip, tmp_path,
 def test_an_incremental_run_updates_the_approximate_index_and_retrains_when_grown(clip, tmp_path, capsys):
     archive, folder = tmp_path / "archive", tmp_path / "idx"
     paths = noise_images(archive, [f"old{i}.png" for i in range(4)])
-    index(capsys, archive, folder, clip[0], "--ann")
+    index_archive(capsys, archive, folder, clip[0], "--ann")
     os.remove(paths[0])
     paths = paths[1:] + noise_images(archive, ["new0.png", "new1.png"], seed=5)
-    assert index(capsys, archive, folder, clip[0])["total"] == 5  # no --ann: the index stays approximate
+    assert index_archive(capsys, archive, folder, clip[0])["total"] == 5  # no --ann: the index stays approximate
     manifest = store.read_manifest(str(folder))
     assert manifest["ann"]["trained_on"] == 4 and manifest["ann"]["file"] == "ann-2.faiss"
     assert sorted(n for n in os.listdir(folder) if n.startswith("ann-")) == ["ann-2.faiss"]
@@ -62,7 +61,7 @@ def test_an_incremental_run_updates_the_approximate_index_and_retrains_when_grow
     assert found["approximate"] and sorted(hit["path"] for hit in found["results"]) == sorted(paths)
     assert_same(found, brute_force(clip[1], paths, "a lake", 5))
     paths += noise_images(archive, [f"more{i}.png" for i in range(11)], seed=6)  # 16 entries: 4 x 4
-    index(capsys, archive, folder, clip[0])
+    index_archive(capsys, archive, folder, clip[0])
     assert store.read_manifest(str(folder))["ann"]["trained_on"] == 16
     assert_same(search(capsys, folder, "a lake", "--top", "8"), brute_force(clip[1], paths, "a lake", 8))
 
@@ -80,7 +79,7 @@ def test_an_incremental_run_removes_and_adds_only_the_changes_in_the_inverted_li
     archive, folder = tmp_path / "archive", tmp_path / "idx"
     monkeypatch.setattr(ann, "choose_factory", lambda *args: "IVF2,Flat")  # 2 lists, both searched: exact
     paths = noise_images(archive, [f"old{i}.png" for i in range(8)])
-    index(capsys, archive, folder, clip[0], "--ann")
+    index_archive(capsys, archive, folder, clip[0], "--ann")
     for gone in (paths[1], paths[4]):
         os.remove(gone)
     noise_images(archive, ["old6.png"], seed=4)  # changed: its old row dropped, its new one added
@@ -88,7 +87,7 @@ def test_an_incremental_run_removes_and_adds_only_the_changes_in_the_inverted_li
     paths = [p for p in paths if p not in (paths[1], paths[4])] + noise_images(archive, ["new0.png", "new1.png",
                                                                                          "new2.png"], seed=5)
     added = counting_added_rows(monkeypatch)
-    assert index(capsys, archive, folder, clip[0])["entries"] == 9
+    assert index_archive(capsys, archive, folder, clip[0])["entries"] == 9
     assert added == [4]  # the changed file and the 3 new ones: not every row again
     manifest = store.read_manifest(str(folder))
     assert manifest["ann"]["trained_on"] == 8 and manifest["ann"]["ids"] == "ann-2.ids.npy"
@@ -109,7 +108,7 @@ def ids_in_lists(made):
 def test_an_interrupted_approximate_build_leaves_the_old_index(clip, tmp_path, capsys, monkeypatch):
     archive, folder = tmp_path / "archive", tmp_path / "idx"
     old = noise_images(archive, [f"old{i}.png" for i in range(5)])
-    index(capsys, archive, folder, clip[0], "--ann")
+    index_archive(capsys, archive, folder, clip[0], "--ann")
     noise_images(archive, ["new.png"], seed=7)
 
     def killed(*args):
@@ -117,12 +116,12 @@ def test_an_interrupted_approximate_build_leaves_the_old_index(clip, tmp_path, c
 
     monkeypatch.setattr(ann, "fill", killed)
     with pytest.raises(KeyboardInterrupt):
-        index(capsys, archive, folder, clip[0])
+        index_archive(capsys, archive, folder, clip[0])
     manifest = store.read_manifest(str(folder))
     assert manifest["generation"] == 1 and os.path.isfile(folder / manifest["ann"]["file"])
     assert_same(search(capsys, folder, "a road", "--top", "5"), brute_force(clip[1], old, "a road", 5))
     monkeypatch.undo()
-    assert index(capsys, archive, folder, clip[0])["encoded"] == 1
+    assert index_archive(capsys, archive, folder, clip[0])["encoded"] == 1
     manifest = store.read_manifest(str(folder))
     assert sorted(os.listdir(folder)) == ["ann-2.faiss", "embeddings-2.npy", "manifest.json"]
     assert manifest["ann"]["file"] == "ann-2.faiss"
@@ -130,10 +129,10 @@ def test_an_interrupted_approximate_build_leaves_the_old_index(clip, tmp_path, c
 
 def test_without_faiss_the_commands_say_how_to_get_it(clip, tmp_path, capsys, monkeypatch):
     paths = sorted(noise_images(tmp_path / "archive", [f"{i}.png" for i in range(6)]))
-    index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--ann")
+    index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0], "--ann")
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
     with pytest.raises(SystemExit, match="pip install -r requirements-ann.txt"):
-        index(capsys, tmp_path / "archive", tmp_path / "new-idx", clip[0], "--ann")
+        index_archive(capsys, tmp_path / "archive", tmp_path / "new-idx", clip[0], "--ann")
     assert not os.path.exists(tmp_path / "new-idx")
     retrieve.main(["search", str(tmp_path / "idx"), "a bridge", "--top", "4", "--json"])
     out, err = capsys.readouterr()
@@ -143,7 +142,7 @@ def test_without_faiss_the_commands_say_how_to_get_it(clip, tmp_path, capsys, mo
         "note: approximate search needs FAISS, an optional dependency: pip install -r requirements-ann.txt; "
         "searching exactly"]
     with pytest.raises(SystemExit, match="pip install -r requirements-ann.txt"):
-        index(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])  # an approximate index is not dropped
+        index_archive(capsys, tmp_path / "archive", tmp_path / "idx", clip[0])  # an approximate index is not dropped
 
 
 def test_the_type_follows_the_size_and_the_memory_budget():
