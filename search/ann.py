@@ -108,7 +108,7 @@ def build(folder, manifest, embeddings, previous, memory=None, kept=None):
     memory = memory or (previous or {}).get("memory") or DEFAULT_MEMORY
     reused = bool(previous) and len(embeddings) < RETRAIN_GROWTH * previous["trained_on"]
     if reused:
-        made = faiss.read_index(os.path.join(folder, previous["file"]))
+        made = faiss.read_index(store.named_file(folder, previous["file"]))
         factory, trained_on = previous["type"], previous["trained_on"]
     else:
         factory, trained_on = choose_factory(len(embeddings), embeddings.shape[1], memory), len(embeddings)
@@ -135,7 +135,7 @@ def previous_ids(folder, previous, made):
     """The FAISS id of each row of the previous generation: its ids file, or the rows themselves (an index written
     before there were ids files)."""
     if previous.get("ids"):
-        return np.load(os.path.join(folder, previous["ids"]))
+        return np.load(store.named_file(folder, previous["ids"]))
     return np.arange(made.ntotal)
 
 
@@ -151,11 +151,11 @@ def load(folder, manifest):
         print(f"note: {e.code}; searching exactly", file=sys.stderr, flush=True)
         return None
     record = manifest["ann"]
-    made = faiss.read_index(os.path.join(folder, record["file"]), faiss.IO_FLAG_MMAP)
+    made = faiss.read_index(store.named_file(folder, record["file"]), faiss.IO_FLAG_MMAP)
     if "IVF" in record["type"]:
         nlist = faiss.extract_index_ivf(made).nlist
         set_nprobe(faiss, made, min(nlist, max(MIN_NPROBE, nlist // NPROBE_PER_LIST)))
-    return made, record.get("ids") and np.load(os.path.join(folder, record["ids"]), mmap_mode="r")
+    return made, record.get("ids") and np.load(store.named_file(folder, record["ids"]), mmap_mode="r")
 
 
 def set_nprobe(faiss, made, nprobe):

@@ -142,10 +142,15 @@ def load_index(folder):
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(f"no index in {folder} (make one: python retrieve.py index {folder} SOURCE)")
-    path = os.path.join(folder, manifest["embeddings"])
+    return manifest, np.load(named_file(folder, manifest["embeddings"]), mmap_mode="r")
+
+
+def named_file(folder, name):
+    """The path of a file the manifest names, refused in one line when it has gone."""
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}, named by {folder}/{MANIFEST}, is missing: index again with --rebuild")
-    return manifest, np.load(path, mmap_mode="r")
+        raise ValueError(f"{path}, named by {os.path.join(folder, MANIFEST)}, is missing: index again with --rebuild")
+    return path
 
 
 def scan(source, data_root, index_dir):

@@ -96,6 +96,10 @@ def test_an_incremental_run_removes_and_adds_only_the_changes_in_the_inverted_li
     assert made.ntotal == len(ids) == 9 and np.array_equal(np.sort(ids_in_lists(made)), ids)
     found = search(capsys, folder, "a lake", "--top", "9")  # every entry, in the brute force's order
     assert_same(found, brute_force(clip[1], paths, "a lake", 9))
+    os.remove(folder / "ann-2.ids.npy")  # a file the manifest names has gone: one line, the way on
+    with pytest.raises(ValueError, match=r"ann-2.ids.npy, named by .*manifest.json, is missing: index again with "
+                                         r"--rebuild$"):
+        search(capsys, folder, "a lake")
 
 
 def ids_in_lists(made):
