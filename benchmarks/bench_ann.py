@@ -149,7 +149,6 @@ def build(folder, embeddings, memory):
         json.dump(manifest, f)
 
 
-
 def update(folder, embeddings, fraction, noise, step=65536):
     """The next generation as retrieve.py index writes it (the kept rows in order, then the new ones: here rows near
     stored ones), its approximate index updated from the built one, then filled again from its training; the times
