@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -242,23 +243,22 @@ def update_index(args, device, amp):
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
                 "embeddings": f"embeddings-{generation}.npy"}
-    build_ann = (lambda made, rows, old_rows: ann.build(args.index, made, rows, (old or {}).get("ann"), args.memory,
-                                                        old_rows)) if approximate else None
-    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), build_ann)
+    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), approximate,
+                 args.memory)
     return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
             "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
             "entries": len(manifest["entries"])}
 
 
-def write_joined(folder, manifest, old, kept, scanned, chunks, build_ann=None):
-    """The new index: the old one's entries of unchanged files, then the pending chunks' in the order of the scan,
-    whichever runs, shards and chunks encoded them. build_ann(manifest, embeddings, the old rows kept) writes the
-    approximate index, before the manifest."""
+def write_joined(folder, manifest, old, kept, scanned, chunks, approximate=False, memory=None):
+    """The new index: the old one's entries of unchanged files (read a slice at a time), then the pending chunks' in
+    the order of the scan, whichever runs, shards and chunks encoded them; with `approximate`, its FAISS index too."""
     rows = store.kept_row_numbers(old, kept) if kept else np.zeros(0, np.int64)
     old_parts = store.kept_rows(old, store.load_index(folder)[1], rows) if kept else []
-    position = {p: i for i, p in enumerate(scanned)}
-    store.write_index(folder, manifest, [*old_parts, store.pending_in_order(list(chunks), position, manifest["dim"])],
-                      build_ann and (lambda made, embeddings: build_ann(made, embeddings, rows)))
+    new = store.pending_in_order(list(chunks), {p: i for i, p in enumerate(scanned)}, manifest["dim"])
+    build_ann = (lambda made, embeddings: ann.build(folder, made, embeddings, (old or {}).get("ann"), memory, rows)
+                 ) if approximate else None
+    store.write_index(folder, manifest, itertools.chain(old_parts, [new]), len(rows) + len(new[1]), build_ann)
 
 
 def run_shard_processes(args, shard):

@@ -112,12 +112,11 @@ def kept_rows(manifest, embeddings, rows, step=65536):
         yield [manifest["entries"][r] for r in rows[i:i + step]], embeddings[rows[i:i + step]]
 
 
-def write_index(folder, manifest, parts, before_manifest=None):
-    """The embeddings file first (then before_manifest(manifest, embeddings) writes what else the manifest will
-    name), then the manifest naming it replaces the old one in one os.replace: a reader sees the old index or the
-    new one, never a mix. Files no manifest names any more are removed last."""
-    parts = list(parts)
-    rows = sum(len(e) for _, e in parts)
+def write_index(folder, manifest, parts, rows, before_manifest=None):
+    """The embeddings file first, its `rows` written part by part (parts: (entries, embeddings), read as they come),
+    then before_manifest(manifest, embeddings) writes what else the manifest will name, then the manifest naming
+    them replaces the old one in one os.replace: a reader sees the old index or the new one, never a mix. Files no
+    manifest names any more are removed last."""
     path = os.path.join(folder, manifest["embeddings"])
     out = np.lib.format.open_memmap(path + ".tmp", "w+", np.float16, (rows, manifest["dim"]))
     position = 0
