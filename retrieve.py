@@ -463,11 +463,10 @@ def parse_args(argv=None):
         verb.add_argument("--exact", action="store_true", help="score every entry even if there is an approximate "
                           "index")
     args = p.parse_args(argv)
-    if usage_error(args):
-        p.error(usage_error(args))
+    error = usage_error(args)
+    if error:
+        p.error(error)
     if args.verb == "index" and args.memory is not None:
-        if args.memory <= 0:
-            p.error(f"--memory must be positive, got {args.memory}")
         args.memory = int(args.memory * 2 ** 30)
     if args.verb == "index" and args.shard is None:
         args.shard = torchrun_shard(p)
@@ -483,6 +482,8 @@ def usage_error(args):
     for flag in ("workers", "processes"):
         if v.get(flag) is not None and v[flag] < 1:
             return f"--{flag} must be at least 1, got {v[flag]}"
+    if v.get("memory") is not None and v["memory"] <= 0:
+        return f"--memory must be positive, got {v['memory']}"
     if v.get("top") is not None and v["top"] < 1:
         return f"--top must be positive, got {v['top']}"
     if v.get("query") is not None and not v["query"].strip():

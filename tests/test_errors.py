@@ -304,6 +304,8 @@ BAD_INPUTS = {
                                 r"error: --processes must be at least 1, got 0$", absent=["new-idx"]),
     "index-workers-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--workers", "0"), 2,
                               r"error: --workers must be at least 1, got 0$", absent=["new-idx"]),
+    "index-memory-zero": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--ann", "--memory", "0"), 2,
+                             r"error: --memory must be positive, got 0.0$", absent=["new-idx"]),
     "index-tile-too-small": row("retrieve.py", lambda w: index_args(w, "new-idx", "photos", "--tile", "3"), 2,
                                 r"error: --tile SIZE must be at least 16 pixels, got 3$", absent=["new-idx"]),
     "search-blank-query": row("retrieve.py", lambda w: ["search", str(w.tmp / "idx"), "  "], 2,
