@@ -13,11 +13,9 @@ import torch
 
 import retrieve
 from search import exact, store
-from support import runtime
 
 pytestmark = pytest.mark.usefixtures("exact_cpu")
-NEEDS_BF16 = pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU has no bf16 units")
-FAST_PASSES = [False, pytest.param(True, marks=NEEDS_BF16)]  # a batch's fast pass in bf16, forced on where it can be
+FAST_PASSES = [False, True]  # a batch's fast pass in bf16 forced on: exact on any CPU, fast where it has bf16 units
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +66,7 @@ def test_a_batch_gives_each_query_its_brute_force_top_k(tmp_path, count, bf16):
     assert found[1] == exact.top_k(rows, queries[1], 12, step=700)
 
 
-@pytest.mark.parametrize("count, bf16", [(1, False), (exact.BATCH_QUERIES, False),
-                                         pytest.param(exact.BF16_QUERIES, True, marks=NEEDS_BF16)])
+@pytest.mark.parametrize("count, bf16", [(1, False), (exact.BATCH_QUERIES, False), (exact.BF16_QUERIES, True)])
 def test_near_ties_below_fp16_resolution_rank_exactly(tmp_path, count, bf16):
     """Scores within a few fp16 steps of each other near 1: only the exact re-scoring orders them."""
     rng = np.random.default_rng(2)
@@ -162,7 +159,7 @@ def test_concurrent_queries_are_answered_in_one_pass_as_if_alone(served_rows, mo
 
 
 @pytest.mark.parametrize("count, bf16", [(1, False), (exact.BATCH_QUERIES, False),
-                                         pytest.param(exact.BATCH_QUERIES, True, marks=NEEDS_BF16)])
+                                         (exact.BATCH_QUERIES, True)])
 def test_the_fast_pass_is_within_the_margin(count, bf16):
     """Against fp64 over the stored rows, at every score from -1 to 1 (fp16 steps grow with the score)."""
     queries = torch.nn.functional.normalize(torch.randn(count, 512), dim=1)
@@ -213,7 +210,6 @@ def staircase(value, count=1000, dim=1024):
     return np.tril(np.full((count, dim), value, np.float16))
 
 
-@NEEDS_BF16
 def test_the_bf16_fast_pass_is_within_its_margin_at_the_worst_rounding():
     """Row, query and score each rounded by bf16 as far as it goes, all in the same direction."""
     queries = torch.stack([unit_query(value, 1000) for value in (ROUNDED_DOWN, ROUNDED_UP)])
@@ -225,7 +221,6 @@ def test_the_bf16_fast_pass_is_within_its_margin_at_the_worst_rounding():
     assert exact.BF16_MARGIN / 2 < relative <= exact.BF16_MARGIN  # these data need more than half of it
 
 
-@NEEDS_BF16
 def test_rows_the_bf16_fast_pass_puts_in_the_wrong_order_still_rank_exactly(tmp_path, monkeypatch):
     """Ten rows of a first slice scored exactly in bf16 (but for the query's rounding), then in the next slice the
     true best, its elements and its sum rounded down (898 to 896): its bf16 score falls below the ten's exact scores
