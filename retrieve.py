@@ -165,10 +165,10 @@ def in_part(path, shard):
     return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") % shard[1] == shard[0]
 
 
-def pending_files(folder, wanted):
-    """(files encoded, files that could not be decoded) in the pending chunks, of the files wanted(path, stat)."""
+def pending_files(chunks, wanted):
+    """(files encoded, files that could not be decoded) in store.pending_chunks, of the files wanted(path, stat)."""
     encoded, failed = set(), set()
-    for rows, tried, _ in store.pending_chunks(folder, wanted):
+    for rows, tried, _ in chunks:
         encoded |= {p for p, _ in rows}
         failed |= {p for p, stat in tried.items() if wanted(p, stat)}
     return encoded, failed - encoded
@@ -225,7 +225,7 @@ def update_index(args, device, amp):
     folder = store.pending_folder(args.index, key, only=args.shard is None)
     kept = {p for p, stat in (old or {}).get("files", {}).items() if found.get(p) == stat}
     wanted = lambda path, stat: found.get(path) == stat and path not in kept  # noqa: E731
-    encoded, failed = pending_files(folder, wanted)
+    encoded, failed = pending_files(store.pending_chunks(folder, wanted), wanted)
     taken = [p for p in encoded if in_part(p, args.shard)]
     if taken and args.processes == 1:
         print(f"resuming: {len(taken)} images were encoded by shards or an interrupted run", flush=True)
@@ -235,7 +235,8 @@ def update_index(args, device, amp):
     shard, done = args.shard and f"{args.shard[0]}/{args.shard[1]}", kept | encoded | failed
     encode_files(model, [p for p in found if p not in done and in_part(p, args.shard)], found, tile, folder, device,
                  amp, args.workers, skipped, f"shard {shard}: " if shard else "")
-    encoded, failed = pending_files(folder, wanted)
+    chunks = list(store.pending_chunks(folder, wanted))  # read once after encoding: the counts and the join
+    encoded, failed = pending_files(chunks, wanted)
     if shard:
         part = lambda files: len([p for p in files if in_part(p, args.shard)])  # noqa: E731
         return {"shard": shard, "encoded": part(encoded), "skipped": part(unreadable) + part(failed)}
@@ -243,8 +244,7 @@ def update_index(args, device, amp):
     manifest = {"format": 1, "generation": generation, "model": record, "tile": tile, "dim": model.config.embed_dim,
                 "files": {p: found[p] for p in sorted(kept | encoded)}, "entries": [],
                 "embeddings": f"embeddings-{generation}.npy"}
-    write_joined(args.index, manifest, old, kept, list(found), store.pending_chunks(folder, wanted), approximate,
-                 args.memory)
+    write_joined(args.index, manifest, old, kept, list(found), chunks, approximate, args.memory)
     return {"encoded": len(encoded), "removed": len(set((old or {}).get("files", {})) - set(found)),
             "unchanged": len(kept), "skipped": len(unreadable) + len(failed), "total": len(manifest["files"]),
             "entries": len(manifest["entries"])}
@@ -255,7 +255,7 @@ def write_joined(folder, manifest, old, kept, scanned, chunks, approximate=False
     the order of the scan, whichever runs, shards and chunks encoded them; with `approximate`, its FAISS index too."""
     rows = store.kept_row_numbers(old, kept) if kept else np.zeros(0, np.int64)
     old_parts = store.kept_rows(old, store.load_index(folder)[1], rows) if kept else []
-    new = store.pending_in_order(list(chunks), {p: i for i, p in enumerate(scanned)}, manifest["dim"])
+    new = store.pending_in_order(chunks, {p: i for i, p in enumerate(scanned)}, manifest["dim"])
     build_ann = (lambda made, embeddings: ann.build(folder, made, embeddings, (old or {}).get("ann"), memory, rows)
                  ) if approximate else None
     store.write_index(folder, manifest, itertools.chain(old_parts, [new]), len(rows) + len(new[1]), build_ann)

@@ -19,6 +19,7 @@ import data
 EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 MANIFEST, PENDING = "manifest.json", "pending"  # pending/: chunks of a run that has not finished
 KEY = "key.json"  # in pending/<hash of the key>/: the model and tiling its chunks were encoded with
+TAKES = "index takes a folder of images or a dataset name (rsitmd, rsicd, ucm, demo)"
 
 
 def write_atomically(path, write):
@@ -163,11 +164,9 @@ def scan(source, data_root, index_dir):
             paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(EXTENSIONS)]
     elif data.is_archive(source):
         folder = os.path.dirname(os.path.abspath(source))
-        raise ValueError(f"{source} is a CSV/TSV archive: index takes a folder of images or a dataset name (rsitmd, "
-                         f"rsicd, ucm, demo); pass the folder its images lie in, e.g. {folder}")
+        raise ValueError(f"{source} is a CSV/TSV archive: {TAKES}; pass the folder its images lie in, e.g. {folder}")
     elif os.path.exists(source):
-        raise ValueError(f"{source} is a file: index takes a folder of images or a dataset name (rsitmd, rsicd, "
-                         "ucm, demo)")
+        raise ValueError(f"{source} is a file: {TAKES}")
     elif os.sep in source:  # a path, not a dataset's name
         raise FileNotFoundError(f"no folder {source}")
     else:
